@@ -1,0 +1,47 @@
+"""GE-ResNet: upstream ResNet with a GatherExcite plugin after conv3 + bn3 of
+every bottleneck (Hu et al., NeurIPS 2018)."""
+from mmengine.registry import MODELS
+
+from ..utils import check_stage_flags
+from .context_resnet import ContextResNet, check_plugin_cfg
+
+
+@MODELS.register_module()
+class GEResNet(ContextResNet):
+    """ResNet with Gather-Excite on the residual branch (``after_conv3``).
+
+    A global depthwise gather's kernel covers its stage's whole feature map
+    at the reference input size (56/28/14/7 for ResNet-50 at 224); the
+    backbone derives each stage's size from ``reference_input_size`` and the
+    strides, and any other input size works (see
+    :class:`mmctx.models.GatherExcite`).
+
+    Args:
+        depth (int): ResNet depth (50, 101, ...).
+        ge (dict): :class:`mmctx.models.GatherExcite` arguments: ``variant``
+            ('parameter_free' = GE-θ⁻, 'depthwise' = GE-θ,
+            'depthwise_excite' = GE-θ⁺), ``extent`` (2, 4, 8, 'global'),
+            ``reduction``.
+        stage_with_ge (tuple[bool]): Stages with GE (all four in the paper).
+        reference_input_size (int | tuple[int]): Input size the global
+            gathers are built for (224 for ImageNet).
+        **kwargs: Upstream ResNet arguments; ``plugins`` are kept and come
+            after GE.
+    """
+
+    def __init__(self,
+                 depth,
+                 ge=dict(variant='parameter_free', extent='global'),
+                 stage_with_ge=(True, True, True, True),
+                 reference_input_size=224,
+                 plugins=None,
+                 **kwargs):
+        check_plugin_cfg('ge', ge, ('feature_size', 'in_channels'))
+        flags = check_stage_flags('stage_with_ge', stage_with_ge,
+                                  kwargs.get('num_stages', 4))
+        sizes = self.stage_feature_sizes(
+            reference_input_size, kwargs.get('strides', (1, 2, 2, 2)))
+        ge_plugins = self.per_stage_plugins(
+            dict(type='GatherExcite', **ge), flags, sizes, 'after_conv3')
+        super().__init__(
+            depth, plugins=ge_plugins + list(plugins or []), **kwargs)

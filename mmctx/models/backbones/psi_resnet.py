@@ -1,0 +1,45 @@
+"""PSI-ResNet: upstream ResNet with a PatchSpatialInteraction plugin after
+conv3 + bn3 of every bottleneck."""
+from mmengine.registry import MODELS
+
+from ..utils import check_stage_flags
+from .context_resnet import ContextResNet, check_plugin_cfg
+
+
+@MODELS.register_module()
+class PSIResNet(ContextResNet):
+    """ResNet with Patch Spatial Interaction on the residual branch.
+
+    PSI-ResNet-14 and -26 are ResNet-50-width bottleneck ResNets with one and
+    two blocks per stage; 50, 101 and 152 are the usual ones. Each stage's
+    patch size follows from its feature size at ``reference_input_size``
+    (256 in the reference models: maps 64/32/16/8, patches 4/2/1/1, grids
+    16/16/16/8); any other input size works.
+
+    Args:
+        depth (int): 14, 26, 50, 101 or 152.
+        psi (dict): :class:`mmctx.models.PatchSpatialInteraction` arguments:
+            ``grid_size`` (16), ``hidden_ratio`` (0.5).
+        stage_with_psi (tuple[bool]): Stages with PSI (all four).
+        reference_input_size (int | tuple[int]): Input size that fixes the
+            patch sizes (256).
+        **kwargs: Upstream ResNet arguments; ``plugins`` come after PSI.
+    """
+
+    def __init__(self,
+                 depth,
+                 psi=dict(grid_size=16, hidden_ratio=0.5),
+                 stage_with_psi=(True, True, True, True),
+                 reference_input_size=256,
+                 plugins=None,
+                 **kwargs):
+        check_plugin_cfg('psi', psi, ('feature_size', 'in_channels'))
+        flags = check_stage_flags('stage_with_psi', stage_with_psi,
+                                  kwargs.get('num_stages', 4))
+        sizes = self.stage_feature_sizes(
+            reference_input_size, kwargs.get('strides', (1, 2, 2, 2)))
+        psi_plugins = self.per_stage_plugins(
+            dict(type='PatchSpatialInteraction', **psi), flags, sizes,
+            'after_conv3')
+        super().__init__(
+            depth, plugins=psi_plugins + list(plugins or []), **kwargs)

@@ -1,0 +1,137 @@
+"""SB-ResNet: ResNet whose bottlenecks concatenate Spatial Bias maps to
+conv2's output (Go & Ryu, https://arxiv.org/abs/2302.12505)."""
+import torch
+from mmcv.cnn import build_conv_layer, build_norm_layer
+from mmdet.models.backbones.resnet import Bottleneck
+from mmengine.registry import MODELS
+
+from ..spatial_bias import SpatialBias
+from ..utils import check_stage_flags
+from .context_resnet import ContextResNet
+
+
+class SBBottleneck(Bottleneck):
+    """Upstream Bottleneck with a Spatial Bias branch on conv2.
+
+    The branch reads conv2's input (conv1's output, before conv2's stride)
+    and joins its maps to conv2's output through a forward hook on conv2, so
+    the upstream forward (plugins, checkpointing, DCN) runs unchanged. With
+    the paper's concatenation bn2, the after_conv2 plugins and conv3 take
+    ``planes + num_bias`` channels. conv3's extra input channels start at
+    zero, and a plain ResNet checkpoint loads into them zero-padded, so the
+    block starts as exactly the plain block.
+
+    Args:
+        sb (dict): Arguments of :class:`mmctx.models.SpatialBias` other than
+            ``in_channels`` (e.g. ``num_bias``, ``pool_size``).
+        **kwargs: Arguments of the upstream Bottleneck.
+    """
+
+    def __init__(self, inplanes, planes, sb, **kwargs):
+        super().__init__(inplanes, planes, **kwargs)
+        self.spatial_bias = SpatialBias(
+            planes, **dict(dict(norm_cfg=self.norm_cfg), **sb))
+        self.num_bias = self.spatial_bias.num_bias
+        if self.spatial_bias.fusion == 'concat':
+            self._widen_after_conv2(self.spatial_bias.out_channels)
+        self.conv2.register_forward_hook(self._join_spatial_bias)
+
+    def _widen_after_conv2(self, channels):
+        # Rebuild what follows conv2 for the concatenated channels.
+        self.norm2_name, norm2 = build_norm_layer(
+            self.norm_cfg, channels, postfix=2)
+        self.add_module(self.norm2_name, norm2)
+        self.conv3 = build_conv_layer(
+            self.conv_cfg,
+            channels,
+            self.planes * self.expansion,
+            kernel_size=1,
+            bias=False)
+        if self.with_plugins:
+            for name in self.after_conv2_plugin_names:
+                delattr(self, name)
+            self.after_conv2_plugin_names = self.make_block_plugins(
+                channels, self.after_conv2_plugins)
+
+    def _join_spatial_bias(self, conv2, inputs, output):
+        return self.spatial_bias(inputs[0], output)
+
+    def init_weights(self):
+        super().init_weights()
+        if self.spatial_bias.fusion == 'concat':
+            # The bias channels start disconnected: the block is the plain one.
+            with torch.no_grad():
+                self.conv3.weight[:, self.planes:] = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A plain ResNet checkpoint: pad bn2 and conv3 for the bias channels
+        # (identity norm, zero conv3 inputs) so nothing is dropped.
+        if self.spatial_bias.fusion == 'concat':
+            k = self.num_bias
+            padding = {
+                f'{self.norm2_name}.weight': 1.0,
+                f'{self.norm2_name}.bias': 0.0,
+                f'{self.norm2_name}.running_mean': 0.0,
+                f'{self.norm2_name}.running_var': 1.0,
+                'conv3.weight': 0.0,
+            }
+            for name, value in padding.items():
+                key = prefix + name
+                tensor = state_dict.get(key)
+                if tensor is None or tensor.dim() == 0:
+                    continue
+                dim = 1 if name == 'conv3.weight' else 0
+                if tensor.shape[dim] != self.planes:
+                    continue
+                shape = list(tensor.shape)
+                shape[dim] = k
+                state_dict[key] = torch.cat(
+                    [tensor, tensor.new_full(shape, value)], dim=dim)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@MODELS.register_module()
+class SBResNet(ContextResNet):
+    """ResNet with Spatial Bias in the bottlenecks of chosen stages.
+
+    Configured like mmdet's DCN::
+
+        backbone=dict(type='SBResNet', depth=50,
+                      sb=dict(num_bias=3, pool_size=10),
+                      stage_with_sb=(True, True, True, False), ...)
+
+    Every other argument is upstream ResNet's; ``plugins`` combine SB with
+    NonLocal2d, ContextBlock, GatherExcite, ... as in the paper.
+
+    Args:
+        depth (int): 50, 101 or 152 (bottleneck ResNets).
+        sb (dict | None): :class:`mmctx.models.SpatialBias` arguments
+            (``num_bias`` k = 3, ``pool_size`` r = 10 by default; pool_type,
+            fusion). None builds the plain ResNet.
+        stage_with_sb (tuple[bool]): Stages with SB, one flag per stage; the
+            paper leaves out stage 4, whose map is too small.
+    """
+
+    def __init__(self,
+                 depth,
+                 sb=dict(num_bias=3, pool_size=10),
+                 stage_with_sb=(True, True, True, False),
+                 **kwargs):
+        flags = check_stage_flags('stage_with_sb', stage_with_sb,
+                                  kwargs.get('num_stages', 4))
+        if sb is not None and not isinstance(sb, dict):
+            raise ValueError(f'sb must be a dict or None, got {sb!r}')
+        if sb is not None and self.arch_settings.get(depth, (None, ))[0] \
+                is not Bottleneck:
+            raise ValueError(
+                f'depth must be a bottleneck depth for SB (50, 101, 152, '
+                f'...), got {depth!r}')
+        self.sb = None if sb is None else dict(sb)
+        self.stage_with_sb = flags
+        super().__init__(depth, **kwargs)
+
+    def make_res_layer(self, **kwargs):
+        if self.sb is not None and \
+                self.stage_with_sb[self.stage_of(kwargs['planes'])]:
+            kwargs.update(block=SBBottleneck, sb=self.sb)
+        return super().make_res_layer(**kwargs)

@@ -1,0 +1,151 @@
+"""Gather-Excite (Hu, Shen, Albanie, Sun, Vedaldi, "Gather-Excite: Exploiting
+Feature Context in Convolutional Neural Networks", NeurIPS 2018,
+https://arxiv.org/abs/1810.12348)."""
+import math
+
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn import build_norm_layer
+from mmengine.model import BaseModule, constant_init
+from mmengine.registry import MODELS
+from torch.nn.modules.utils import _pair
+
+from .utils import check_choice, check_positive_int, normalize, resample_to
+
+VARIANTS = ('parameter_free', 'depthwise', 'depthwise_excite')
+EXTENTS = (2, 4, 8, 'global')
+
+
+@MODELS.register_module()
+class GatherExcite(BaseModule):
+    """Gather-Excite: rescale a feature map by a gate from gathered context,
+    ``y = x * sigmoid(excite(gather(x)))``.
+
+    Variants (the paper's names in brackets):
+
+    - ``'parameter_free'`` (GE-θ⁻): gather is average pooling over windows of
+      ``extent`` x ``extent`` (or the whole map); no parameters.
+    - ``'depthwise'`` (GE-θ): gather is a depthwise conv (no bias) + BN. For a
+      global extent one depthwise conv whose kernel covers the whole
+      reference feature map; for extent e, log2(e) stride-2 depthwise 3x3
+      convs with BN and ReLU between them.
+    - ``'depthwise_excite'`` (GE-θ⁺): GE-θ's gather, ReLU, then an SE-style
+      excite: 1x1 conv C -> C/``reduction`` (bias), ReLU, 1x1 conv back to C.
+
+    The gathered map is expanded back to the input size (each pixel takes its
+    window's value), passed through a sigmoid and multiplies the input. At
+    other sizes than the reference, a global depthwise gather first resamples
+    the map to the reference size (adaptive average pooling), so its kernel
+    always covers the whole map; at the reference size this is exact.
+
+    The last parametric layer starts at zero, so the gate starts as the
+    constant 0.5 (``constant_gate``); a backbone starting from a plain
+    ResNet checkpoint compensates that constant in the preceding norm layer.
+
+    Args:
+        in_channels (int): Channels C of the input.
+        variant (str): One of ``'parameter_free'``, ``'depthwise'``,
+            ``'depthwise_excite'``.
+        extent (int | str): Gather extent: 2, 4, 8 or ``'global'``.
+        feature_size (int | tuple[int], optional): Reference (H, W) of the
+            feature map, e.g. 56/28/14/7 in the four ResNet-50 stages at 224
+            input. Required by the global depthwise variants (it is their
+            kernel size); ignored otherwise.
+        reduction (int): Channel reduction of the excite MLP (16).
+        norm_cfg (dict): Norm layer of the depthwise gather.
+        init_cfg (dict, optional): Initialisation config.
+    """
+
+    def __init__(self,
+                 in_channels,
+                 variant='parameter_free',
+                 extent='global',
+                 feature_size=None,
+                 reduction=16,
+                 norm_cfg=dict(type='BN'),
+                 init_cfg=None):
+        super().__init__(init_cfg)
+        check_positive_int('in_channels', in_channels)
+        check_choice('variant', variant, VARIANTS)
+        check_choice('extent', extent, EXTENTS)
+        check_positive_int('reduction', reduction)
+        if variant == 'depthwise_excite' and in_channels // reduction < 1:
+            raise ValueError(
+                f'reduction must be at most in_channels ({in_channels}), '
+                f'got {reduction}')
+        parametric = variant != 'parameter_free'
+        if parametric and extent == 'global':
+            if feature_size is None:
+                raise ValueError(
+                    'feature_size (the reference H, W of the feature map) is '
+                    f'required for variant={variant!r} with extent=global')
+            feature_size = _pair(feature_size)
+            for side in feature_size:
+                check_positive_int('feature_size', side)
+        self.in_channels = in_channels
+        self.variant = variant
+        self.extent = extent
+        self.feature_size = feature_size
+
+        if not parametric:
+            return
+        channels = in_channels
+        if extent == 'global':
+            self.gather = nn.Conv2d(
+                channels, channels, feature_size, groups=channels, bias=False)
+            self.gather_norms = nn.ModuleList(
+                [build_norm_layer(norm_cfg, channels)[1]])
+        else:
+            steps = int(math.log2(extent))
+            self.gather = nn.ModuleList(
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1,
+                          groups=channels, bias=False) for _ in range(steps))
+            self.gather_norms = nn.ModuleList(
+                build_norm_layer(norm_cfg, channels)[1] for _ in range(steps))
+        if variant == 'depthwise_excite':
+            hidden = channels // reduction
+            self.excite = nn.Sequential(
+                nn.Conv2d(channels, hidden, 1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(hidden, channels, 1))
+
+    @property
+    def constant_gate(self):
+        """Gate value after :meth:`init_weights`, or None if input-dependent."""
+        return None if self.variant == 'parameter_free' else 0.5
+
+    def init_weights(self):
+        super().init_weights()
+        # Zero the last layer: the gate starts as sigmoid(0) everywhere.
+        if self.variant == 'depthwise':
+            constant_init(self.gather_norms[-1], 0)
+        elif self.variant == 'depthwise_excite':
+            constant_init(self.excite[-1], 0)
+
+    def _gather(self, x):
+        if self.variant == 'parameter_free':
+            if self.extent == 'global':
+                return x.mean((2, 3), keepdim=True)
+            # ceil_mode: a partial window at the border is its own window.
+            return F.avg_pool2d(x, self.extent, self.extent, ceil_mode=True)
+        if self.extent == 'global':
+            x = resample_to(x, self.feature_size)
+            return normalize(self.gather_norms[0], self.gather(x))
+        for i, (conv, norm) in enumerate(zip(self.gather, self.gather_norms)):
+            if i:
+                x = F.relu(x)
+            x = normalize(norm, conv(x))
+        return x
+
+    def forward(self, x):
+        context = self._gather(x)
+        if self.variant == 'depthwise_excite':
+            context = self.excite(F.relu(context))
+        gate = context.sigmoid()
+        if self.extent != 'global':
+            # Each pixel takes its window's gate (windows are extent wide;
+            # the last one may be cut by the border).
+            height, width = x.shape[-2:]
+            gate = F.interpolate(gate, scale_factor=self.extent,
+                                 mode='nearest')[..., :height, :width]
+        return x * gate

@@ -1,0 +1,90 @@
+"""Patch Spatial Interaction ("Patch Spatial Interactions for Long-Range
+Dependencies in CNNs"): squeeze-and-excitation over space."""
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.model import BaseModule, constant_init
+from mmengine.registry import MODELS
+from torch.nn.modules.utils import _pair
+
+from .utils import check_positive_int, resample_to
+
+
+@MODELS.register_module()
+class PatchSpatialInteraction(BaseModule):
+    """Patch Spatial Interaction (PSI): one weight per image patch, computed
+    from all patches at once.
+
+    A conv with kernel = stride = patch size ``p`` squeezes the C channels to
+    one and patchifies the map into a ``grid_size x grid_size`` grid; an MLP
+    (n*n -> n*n*hidden_ratio, ReLU -> n*n) mixes all patches, a sigmoid gives
+    each patch a weight, and every pixel is multiplied by its patch's weight.
+
+    The patch size comes from the reference feature size S (e.g. 64/32/16/8
+    in the four ResNet stages at 256 input): ``p = S / grid_size`` when S is a
+    multiple of the grid, otherwise every pixel is its own patch (p = 1, grid
+    S). At other input sizes the map is first average-pooled to the
+    reference size, so the grid always covers the whole map and the MLP keeps
+    its meaning; at the reference size this is exact.
+
+    The last MLP layer starts at zero, so the gate starts as the constant 0.5
+    (``constant_gate``); a backbone starting from a plain ResNet checkpoint
+    compensates that constant in the preceding norm layer.
+
+    Args:
+        in_channels (int): Channels C of the input.
+        feature_size (int | tuple[int]): Reference (H, W) of the feature map.
+        grid_size (int): Patches per side n (16).
+        hidden_ratio (float): Hidden width of the MLP relative to n*n (1/2).
+        init_cfg (dict, optional): Initialisation config.
+    """
+
+    def __init__(self,
+                 in_channels,
+                 feature_size,
+                 grid_size=16,
+                 hidden_ratio=0.5,
+                 init_cfg=None):
+        super().__init__(init_cfg)
+        check_positive_int('in_channels', in_channels)
+        check_positive_int('grid_size', grid_size)
+        if feature_size is None:
+            raise ValueError('feature_size (the reference H, W of the feature '
+                             'map) is required')
+        feature_size = _pair(feature_size)
+        for side in feature_size:
+            check_positive_int('feature_size', side)
+        if not 0 < hidden_ratio <= 1:
+            raise ValueError(
+                f'hidden_ratio must be in (0, 1], got {hidden_ratio!r}')
+        if all(side % grid_size == 0 for side in feature_size):
+            patch = tuple(side // grid_size for side in feature_size)
+            grid = (grid_size, grid_size)
+        else:
+            patch, grid = (1, 1), feature_size
+        num_patches = grid[0] * grid[1]
+        hidden = max(1, int(num_patches * hidden_ratio))
+        self.in_channels = in_channels
+        self.feature_size = feature_size
+        self.grid = grid
+
+        self.squeeze = nn.Conv2d(in_channels, 1, patch, stride=patch)
+        self.mlp = nn.Sequential(
+            nn.Linear(num_patches, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_patches))
+
+    @property
+    def constant_gate(self):
+        """Gate value after :meth:`init_weights`."""
+        return 0.5
+
+    def init_weights(self):
+        super().init_weights()
+        # Zero the last layer: the gate starts as sigmoid(0) everywhere.
+        constant_init(self.mlp[-1], 0)
+
+    def forward(self, x):
+        patches = self.squeeze(resample_to(x, self.feature_size))
+        weights = self.mlp(patches.flatten(1)).sigmoid()
+        weights = weights.view(x.shape[0], 1, *self.grid)
+        return x * F.interpolate(weights, size=x.shape[-2:], mode='nearest')
