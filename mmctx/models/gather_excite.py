@@ -3,6 +3,7 @@ Feature Context in Convolutional Neural Networks", NeurIPS 2018,
 https://arxiv.org/abs/1810.12348)."""
 import math
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
@@ -129,8 +130,12 @@ class GatherExcite(BaseModule):
             # ceil_mode: a partial window at the border is its own window.
             return F.avg_pool2d(x, self.extent, self.extent, ceil_mode=True)
         if self.extent == 'global':
+            # A depthwise conv whose kernel covers the map is a per-channel
+            # dot product; einsum computes it several times faster on CPU.
             x = resample_to(x, self.feature_size)
-            return normalize(self.gather_norms[0], self.gather(x))
+            weight = self.gather.weight.squeeze(1)
+            context = torch.einsum('bchw,chw->bc', x, weight)
+            return normalize(self.gather_norms[0], context[..., None, None])
         for i, (conv, norm) in enumerate(zip(self.gather, self.gather_norms)):
             if i:
                 x = F.relu(x)
