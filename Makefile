@@ -1,0 +1,31 @@
+# mmctx: `make demo` and `make test` each set the environment up first.
+# PYTHON is the interpreter (and so the venv) everything is installed into.
+PYTHON ?= python3
+export PYTHON
+
+DEMO_DATA ?= data/demo
+DEMO_WORK_DIR ?= work_dirs/demo
+
+.PHONY: help setup data demo test clean-demo
+
+help:
+	@echo "make setup  - install torch (if missing), mmcv 2.1.0 with ops (cached build), the OpenMMLab stack and mmctx (-e)"
+	@echo "make data   - setup + generate the synthetic demo data sets into $(DEMO_DATA)"
+	@echo "make demo   - setup + data + train/evaluate Faster R-CNN R50-FPN on the demo shapes (CPU ok)"
+	@echo "make test   - setup + pytest tests/"
+	@echo "PYTHON=$(PYTHON)  (override: make test PYTHON=/path/to/venv/bin/python)"
+
+setup:
+	bash tools/setup_env.sh
+
+data: setup
+	$(PYTHON) tools/generate_demo_data.py --out $(DEMO_DATA) --seed 0
+
+demo: setup data
+	$(PYTHON) tools/train.py configs/demo_faster_rcnn_r50.py --work-dir $(DEMO_WORK_DIR)
+
+test: setup
+	$(PYTHON) -m pytest tests -v -rs
+
+clean-demo:
+	rm -rf $(DEMO_DATA) $(DEMO_WORK_DIR)

@@ -1,0 +1,49 @@
+"""tools/dist_train.sh CONFIG 2 on a CPU machine: two gloo processes, each
+sees half the data; one checkpoint and one log (rank 0 only). The config
+uses SyncBN, which mmctx reverts to BN under CPU DDP."""
+import json
+
+import pytest
+import torch
+
+ITERS = 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason='exercises the CPU (gloo) path')
+def test_dist_train_two_cpu_processes(run, repo_root, tiny_det_config,
+                                      tmp_path, free_port):
+    work_dir = tmp_path / 'work'
+    cfg = tiny_det_config(
+        max_iters=ITERS, norm_cfg=dict(type='SyncBN', requires_grad=True))
+    log = run([repo_root / 'tools' / 'dist_train.sh', cfg, 2,
+               '--work-dir', work_dir, '--no-validate'],
+              env=dict(PORT=str(free_port), OMP_NUM_THREADS='1'))
+    assert 'Distributed training: True' in log
+    assert 'gloo' in log
+
+    probes = [json.loads((work_dir / f'probe_rank{r}.json').read_text())
+              for r in (0, 1)]
+    assert [p['rank'] for p in probes] == [0, 1]
+    assert all(p['world_size'] == 2 for p in probes)
+    assert all(p['model_wrapper'] == 'MMDistributedDataParallel'
+               for p in probes)
+    # SyncBN reverted to BN on CPU
+    assert all('SyncBatchNorm' not in p['norm_types'] for p in probes)
+    n = probes[0]['dataset_len']
+    assert n == 8
+    for p in probes:
+        assert p['sampler_len'] == n // 2
+    idx0, idx1 = (set(p['sampler_indices']) for p in probes)
+    assert not idx0 & idx1 and idx0 | idx1 == set(range(n))
+
+    ckpts = sorted(p.name for p in work_dir.glob('*.pth')
+                   if not p.name.startswith('probe'))
+    assert ckpts == [f'iter_{ITERS}.pth']
+    log_dirs = [d for d in work_dir.iterdir() if d.is_dir()]
+    assert len(log_dirs) == 1
+    logs = list(log_dirs[0].glob('*.log'))
+    assert len(logs) == 1
+    text = logs[0].read_text()
+    assert f'Iter(train) [{ITERS}/{ITERS}]' in text
+    assert text.count('Iter(train) [1/') == 1  # one rank writes the log

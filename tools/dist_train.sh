@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Distributed training with torchrun:
+#   tools/dist_train.sh CONFIG NUM_PROCS [train.py args]
+# Multi-node: NNODES, NODE_RANK, MASTER_ADDR, PORT (as in upstream mmdet).
+# On a machine without CUDA every process trains on CPU with gloo.
+set -euo pipefail
+
+CONFIG=$1
+GPUS=$2
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+PORT=${PORT:-29500}
+MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
+PYTHON=${PYTHON:-python3}
+
+PYTHONPATH="$(dirname "$0")/..${PYTHONPATH:+:$PYTHONPATH}" \
+"$PYTHON" -m torch.distributed.run \
+    --nnodes="$NNODES" \
+    --node_rank="$NODE_RANK" \
+    --master_addr="$MASTER_ADDR" \
+    --nproc_per_node="$GPUS" \
+    --master_port="$PORT" \
+    "$(dirname "$0")/train.py" \
+    "$CONFIG" \
+    --launcher pytorch "${@:3}"
