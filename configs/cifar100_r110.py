@@ -1,5 +1,5 @@
 # CIFAR-100, bottleneck CIFAR ResNet-110 (12 blocks per stage, planes
-# 16/32/64, 3x3 stem, PARAMS parameters).
+# 16/32/64, 3x3 stem, 1,170,868 parameters).
 # Paper numbers: see configs/README.md.
 #
 # Recipe (paper): batch 64 on one GPU, SGD lr 0.25 (momentum 0.9), divided by

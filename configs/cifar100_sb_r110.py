@@ -1,6 +1,6 @@
 # CIFAR-100, bottleneck CIFAR ResNet-110 (12 blocks per stage, planes
-# 16/32/64, 3x3 stem, PARAMS parameters) with Spatial Bias (k=3, 6x6 pooling)
-# in stages 1-2.
+# 16/32/64, 3x3 stem, 1,275,220 parameters) with Spatial Bias (k=3, 6x6
+# pooling) in stages 1-2.
 # Paper numbers: see configs/README.md.
 #
 # Recipe (paper): batch 64 on one GPU, SGD lr 0.25 (momentum 0.9), divided by

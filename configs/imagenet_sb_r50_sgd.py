@@ -1,6 +1,7 @@
 # ImageNet-1k classification, recipe (b) of the paper -- backbone:
 # SB-ResNet-50 (Spatial Bias k=3, 10x10 pooling, stages 1-3).
-# Paper (Go & Ryu, "Spatial Bias"): top-1 76.86 (plain R50: 76.05).
+# Paper (Go & Ryu, "Spatial Bias"): top-1 76.86, plain R50 76.05 (which of
+# the two recipes is not stated; see configs/README.md).
 #
 # SGD (momentum 0.9, wd 1e-4), lr 0.1 for 256 images per iteration, divided
 # by 10 at epochs 30, 60 and 80, 90 epochs, 224 crops; 8 GPUs x 32 images:

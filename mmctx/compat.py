@@ -153,9 +153,11 @@ def _cpu_launcher(orig):
         if not _cuda_missing():
             return orig(backend, *args, **kwargs)
         if backend in (None, 'nccl'):
-            logging.getLogger('mmctx').info(
-                'CUDA is not available: using the gloo backend instead of '
-                'nccl for distributed training.')
+            from mmengine.logging import print_log
+            print_log(
+                'mmctx: CUDA is not available: distributed training uses '
+                'the gloo backend instead of nccl', logger='current',
+                level=logging.INFO)
             backend = 'gloo'
         with _no_cuda_set_device():
             return orig(backend, *args, **kwargs)

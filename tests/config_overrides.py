@@ -132,9 +132,8 @@ def seg_options(cfg, data_root=ADE20K_SAMPLE, split='validation', crop=128,
     sizes = dict(train_dataloader=None, val_dataloader=val_images,
                  test_dataloader=test_images)
     for loader in DATALOADERS:
-        opts.update(
-            _loader_options(loader,
-                            train_batch if loader == 'train_dataloader' else 1))
+        batch = train_batch if loader == 'train_dataloader' else 1
+        opts.update(_loader_options(loader, batch))
         opts[f'{loader}.dataset.data_root'] = str(data_root)
         opts[f'{loader}.dataset.data_prefix.img_path'] = f'images/{split}'
         opts[f'{loader}.dataset.data_prefix.seg_map_path'] = \

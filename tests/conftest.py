@@ -41,6 +41,8 @@ class ProbeHook(Hook):
         info = dict(
             rank=rank,
             world_size=get_world_size(),
+            backend=(torch.distributed.get_backend()
+                     if torch.distributed.is_initialized() else None),
             iter=runner.iter,
             message_hub_iter=runner.message_hub.get_info('iter'),
             dataset_len=len(loader.dataset),

@@ -17,7 +17,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -43,6 +42,8 @@ PARAMS = {
     'cifar100_sb_r38': 463_764,
     'cifar100_r65': 707_188,
     'cifar100_sb_r65': 768_060,
+    'cifar100_r110': 1_170_868,
+    'cifar100_sb_r110': 1_275_220,
 }
 
 
@@ -193,6 +194,37 @@ def test_checkpoint_override_reaches_the_backbone(tmp_path):
         MODELS.build(cfg.model.backbone)
 
 
+@pytest.mark.parametrize('backbone', ['r50', 'sb_r50', 'ge_r50', 'psi_r50'])
+def test_imagenet_checkpoint_initialises_det_and_seg_backbones(
+        backbone, tmp_path):
+    """The README's path to a pretrained backbone: a checkpoint written by
+    configs/imagenet_<backbone>_*.py (mmpretrain layout) is what
+    `model.backbone.init_cfg.checkpoint` of the detection / segmentation
+    configs takes; every backbone tensor is loaded as is."""
+    import mmctx  # noqa: F401
+    from mmengine.registry import MODELS, init_default_scope
+    cfg = load_config(f'imagenet_{backbone}_sgd')
+    init_default_scope(cfg.default_scope)
+    classifier = MODELS.build(cfg.model)
+    classifier.init_weights()
+    ckpt = tmp_path / 'epoch_90.pth'
+    torch.save({'meta': {}, 'state_dict': classifier.state_dict()}, ckpt)
+    expected = classifier.backbone.state_dict()
+    # segmentation: standard (not deep) stem, like the ImageNet configs
+    for name, extra in ((f'faster_rcnn_{backbone}', {}),
+                        (f'fpn_{backbone}_ade20k',
+                         {'model.backbone.deep_stem': False})):
+        det = load_config(name, dict(extra, **{
+            'model.backbone.init_cfg.checkpoint': str(ckpt)}))
+        init_default_scope(det.default_scope)
+        net = MODELS.build(det.model.backbone)
+        net.init_weights()
+        state = net.state_dict()
+        assert state.keys() == expected.keys(), name
+        for key, value in expected.items():
+            assert torch.equal(state[key], value), (name, key)
+
+
 # --------------------------------------------------------------------------
 # generated data
 # --------------------------------------------------------------------------
@@ -316,7 +348,6 @@ class _ToolRuns:
     def __init__(self, names, options, base_dir, workers=2):
         self._pool = ThreadPoolExecutor(max_workers=workers)
         self._futures = {}
-        self._lock = threading.Lock()
         self.work_dirs = {}
         for name in names:
             work_dir = base_dir / name
@@ -356,13 +387,22 @@ def _tail(text, n=4000):
     return text[-n:]
 
 
+def _errors(text, n=6000):
+    """The lines that look like errors, then the tail of ``text``."""
+    lines = [
+        line for line in text.splitlines()
+        if re.search(r'Error|error:|Traceback|Abort|terminate', line)
+    ]
+    return '\n'.join(lines[-40:]) + '\n--- tail ---\n' + _tail(text, n)
+
+
 @pytest.mark.parametrize('name', RUN_CONFIGS)
 def test_train_and_test_with_tools(name, tool_runs):
     result = tool_runs.result(name)
     rc, out = result['train']
-    assert rc == 0, f'tools/train.py {name} failed:\n{_tail(out)}'
+    assert rc == 0, f'tools/train.py {name} failed:\n{_errors(out)}'
     rc, test_out = result['test']
-    assert rc == 0, f'tools/test.py {name} failed:\n{_tail(test_out)}'
+    assert rc == 0, f'tools/test.py {name} failed:\n{_errors(test_out)}'
     det = name in DET_CONFIGS + DEMO_DET_CONFIGS
     metric = 'coco/bbox_mAP' if det else 'mIoU'
     # trained the requested iterations, validated at the end ...
@@ -412,19 +452,28 @@ DIST_CASES = {
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason='exercises the CPU (gloo) path')
 @pytest.mark.parametrize('name', list(DIST_CASES))
-def test_dist_train_two_processes(name, run, tmp_path, free_port):
+def test_dist_train_two_processes(name, tmp_path, free_port):
     cfg = load_config(name)
     work_dir = tmp_path / 'work'
-    log = run([REPO_ROOT / 'tools' / 'dist_train.sh',
-               config_path(name), 2, '--work-dir', work_dir,
-               *cli_options(DIST_CASES[name](cfg))],
-              env=dict(PORT=str(free_port), OMP_NUM_THREADS='1'),
-              timeout=900)
+    env = _tool_env()
+    env.update(PORT=str(free_port), PYTHON=sys.executable)
+    log_file = tmp_path / 'dist_train.log'
+    with open(log_file, 'w') as f:
+        proc = subprocess.run(
+            ['bash', REPO_ROOT / 'tools' / 'dist_train.sh',
+             config_path(name), '2', '--work-dir', work_dir,
+             *cli_options(DIST_CASES[name](cfg))],
+            cwd=str(REPO_ROOT), env=env, stdout=f, stderr=subprocess.STDOUT,
+            timeout=900)
+    log = log_file.read_text()
+    assert proc.returncode == 0, (
+        f'dist_train.sh {name} 2 failed ({proc.returncode}); full log: '
+        f'{log_file}\n' + _errors(log))
     assert 'Distributed training: True' in log
-    assert re.search(r'(Epoch|Iter)\(train\).*\[2/2\]', log), log[-4000:]
+    assert re.search(r'(Epoch|Iter)\(train\).*\[2/2\]', log), _tail(log)
     metric = 'coco/bbox_mAP' if 'rcnn' in name else 'mIoU'
     assert re.search(r'\(val\).*' + re.escape(metric) + ': ', log), \
-        log[-4000:]
+        _tail(log)
     find_checkpoint(work_dir)
 
 

@@ -20,12 +20,13 @@ def test_dist_train_two_cpu_processes(run, repo_root, tiny_det_config,
                '--work-dir', work_dir, '--no-validate'],
               env=dict(PORT=str(free_port), OMP_NUM_THREADS='1'))
     assert 'Distributed training: True' in log
-    assert 'gloo' in log
+    assert 'distributed training uses the gloo backend' in log
 
     probes = [json.loads((work_dir / f'probe_rank{r}.json').read_text())
               for r in (0, 1)]
     assert [p['rank'] for p in probes] == [0, 1]
     assert all(p['world_size'] == 2 for p in probes)
+    assert all(p['backend'] == 'gloo' for p in probes)
     assert all(p['model_wrapper'] == 'MMDistributedDataParallel'
                for p in probes)
     # SyncBN reverted to BN on CPU

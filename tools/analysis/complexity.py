@@ -7,7 +7,7 @@ passes of the whole batch after ``--warmup`` untimed ones; the models are
 timed interleaved (round-robin, rotating the start) so machine noise hits
 all of them alike.
 
-    python tools/analysis/complexity.py                  # 224x224 b8, 800x1216 b1
+    python tools/analysis/complexity.py        # 224x224 b8 and 800x1216 b1
     python tools/analysis/complexity.py --shape 64x64 --batch 1 --repeats 1
     python tools/analysis/complexity.py --out docs/complexity.md
 """
@@ -64,7 +64,9 @@ def parse_args():
     p.add_argument('--batch', type=int, help='batch size (default: 8 at '
                    '224x224, 1 at 800x1216; 1 with --shape)')
     p.add_argument('--warmup', type=int, default=1, help='untimed rounds')
-    p.add_argument('--repeats', type=int, default=5, help='timed rounds')
+    p.add_argument('--repeats', type=int, default=7, help='timed rounds')
+    p.add_argument('--threads', type=int,
+                   help='torch intra-op threads (default: all usable cores)')
     p.add_argument('--out', help='also write the Markdown report here')
     return p.parse_args()
 
@@ -78,16 +80,19 @@ def count_flops(model, x):
 
 
 def time_round_robin(models, x, warmup, repeats):
-    times = defaultdict(list)
+    """Median wall-clock ms and median process CPU ms (all threads)."""
+    wall, cpu = defaultdict(list), defaultdict(list)
     names = list(models)
     for rnd in range(warmup + repeats):
         shift = rnd % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             models[name](x)
             if rnd >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(times[name]) for name in names}
+                wall[name].append((time.perf_counter() - start) * 1e3)
+                cpu[name].append((time.process_time() - start_cpu) * 1e3)
+    return ({n: statistics.median(wall[n]) for n in names},
+            {n: statistics.median(cpu[n]) for n in names})
 
 
 def cpu_model():
@@ -98,23 +103,24 @@ def cpu_model():
     return 'unknown'
 
 
-def table(shape, batch, params, flops, latency, uncounted):
+def table(shape, batch, params, flops, latency, cpu, uncounted):
     h, w = shape
     p0, f0, t0 = params['R50'], flops['R50'], latency['R50']
     lines = [
         f'## {h}x{w}, batch {batch}', '',
         '| model | params (M) | Δparams vs R50 | GFLOPs | Δ% FLOPs '
-        '| latency ms | latency ratio vs R50 |',
-        '|---|---:|---:|---:|---:|---:|---:|'
+        '| latency ms | latency ratio vs R50 | CPU-time ratio vs R50 |',
+        '|---|---:|---:|---:|---:|---:|---:|---:|'
     ]
     for name in params:
         lines.append(
             f'| {name} | {params[name] / 1e6:.3f} | {params[name] - p0:+,} '
-            f'| {flops[name] / batch / 1e9:.2f} '
+            f'| {flops[name] / 1e9:.2f} '
             f'| {100 * (flops[name] / f0 - 1):+.2f}% '
-            f'| {latency[name]:.1f} | {latency[name] / t0:.2f} |')
+            f'| {latency[name]:.1f} | {latency[name] / t0:.2f} '
+            f'| {cpu[name] / cpu["R50"]:.2f} |')
     ops = ', '.join(
-        f'`{op}` ({"all" if len(by) == len(params) else ", ".join(sorted(by))})'
+        f'`{op}` ({"all" if len(by) == len(params) else ", ".join(by)})'
         for op, by in sorted(uncounted.items())) or 'none'
     lines += ['', f'Ops present but not counted in GFLOPs: {ops}.', '']
     return lines
@@ -122,8 +128,8 @@ def table(shape, batch, params, flops, latency, uncounted):
 
 def main():
     args = parse_args()
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(args.threads or cores)
     if args.shape:
         h, w = (int(s) for s in args.shape.lower().split('x'))
         settings = [((h, w), args.batch or 1)]
@@ -146,7 +152,7 @@ def main():
         '# Backbone complexity: context modules vs ResNet-50', '',
         f'Command: `{command}`', '',
         f'- torch {torch.__version__}, {torch.get_num_threads()} intra-op '
-        f'threads (= all {threads} usable cores), CPU: {cpu_model()}',
+        f'threads ({cores} usable cores), CPU: {cpu_model()}',
         '- backbones only (4 stage outputs, no neck/classifier), float32, '
         'NCHW, eval mode after `init_weights()`, `torch.no_grad()`',
         '- params: all trainable parameters (BN running stats excluded); '
@@ -158,21 +164,25 @@ def main():
         'ReLU, cat and views are ignored by mmengine by design',
         f'- latency: median of {args.repeats} timed forward passes of the '
         f'whole batch after {args.warmup} warm-up passes, models interleaved '
-        'round-robin in one process', ''
+        'round-robin in one process (rotating the start each round); the '
+        'CPU-time ratio compares the median process CPU time (all threads), '
+        'which time spent descheduled by other load does not inflate', ''
     ]
     with torch.no_grad():
         for shape, batch in settings:
             x = torch.randn(batch, 3, *shape)
-            flops, uncounted = {}, defaultdict(set)
-            for name, model in models.items():
-                flops[name], unsupported = count_flops(model, x)
+            flops, uncounted = {}, defaultdict(list)
+            for name, model in models.items():  # FLOPs per image
+                flops[name], unsupported = count_flops(model, x[:1])
                 for op in unsupported:
-                    uncounted[op].add(name)
+                    uncounted[op].append(name)
             load = os.getloadavg()[0]
-            latency = time_round_robin(models, x, args.warmup, args.repeats)
-            lines += table(shape, batch, params, flops, latency, uncounted)
+            latency, cpu = time_round_robin(models, x, args.warmup,
+                                            args.repeats)
+            lines += table(shape, batch, params, flops, latency, cpu,
+                           uncounted)
             lines += [f'1-min load average before / after timing: {load:.2f}'
-                      f' / {os.getloadavg()[0]:.2f} (on {threads} cores)', '']
+                      f' / {os.getloadavg()[0]:.2f} (on {cores} cores)', '']
     report = '\n'.join(lines)
     print(report)
     if args.out:
