@@ -7,6 +7,7 @@ import os.path as osp
 import torch
 from mmdet.models.backbones.resnet import Bottleneck, ResNet
 from mmengine.logging import MMLogger
+from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import load_state_dict
 from torch.nn.modules.utils import _pair
 
@@ -17,8 +18,11 @@ from ..utils import check_positive_int, check_stage_flags
 _BACKBONE_PREFIXES = ('module.', 'backbone.')
 
 
+@MODELS.register_module()
 class ContextResNet(ResNet):
-    """Base of the mmctx ResNets: upstream :class:`mmdet.models.ResNet` (all
+    """Base of the mmctx ResNets, and the plain ResNet of mmctx configs (so
+    sibling configs change only ``type`` and their module's arguments):
+    upstream :class:`mmdet.models.ResNet` (all
     its options: out_indices, frozen_stages, norm_eval, norm_cfg, style, deep
     stem, strides, dilations, plugins, ...) with
 
@@ -168,7 +172,3 @@ def check_plugin_cfg(name, cfg, derived):
     if clash:
         raise ValueError(f'{name} must not set {clash}: the backbone derives '
                          'them (set reference_input_size instead)')
-
-
-__all__ = ['ContextResNet', 'read_backbone_state', 'check_plugin_cfg',
-           'check_stage_flags']
