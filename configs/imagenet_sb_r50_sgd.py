@@ -8,10 +8,9 @@
 #   tools/dist_train.sh configs/imagenet_sb_r50_sgd.py 8
 # With another total batch size add `--auto-scale-lr` (lr = 0.1 * batch / 256).
 # `data_root`: ImageNet in mmpretrain's layout (train/, val/, meta/); edit it
-# here or override `{train,val,test}_dataloader.dataset.data_root`. The
-# checkpoints this writes are what the detection / segmentation configs'
-# backbone
-# `init_cfg.checkpoint` takes (mmpretrain layout, read directly).
+# here or override `{train,val,test}_dataloader.dataset.data_root`.
+# Its checkpoints initialise the detection / segmentation backbones as they
+# are: `--cfg-options model.backbone.init_cfg.checkpoint=.../epoch_90.pth`.
 _base_ = 'mmpretrain::resnet/resnet50_8xb32_in1k.py'
 
 custom_imports = dict(imports=['mmctx'], allow_failed_imports=False)

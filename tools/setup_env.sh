@@ -84,7 +84,7 @@ else
         log "mmcv: this takes ~10 minutes on 2 cores (once per torch version)"
         mkdir -p "$WHEEL_DIR"
         BUILD_TMP=$(mktemp -d)
-        MMCV_WITH_OPS=1 "${PIP[@]}" wheel --no-build-isolation --no-deps \
+        MMCV_WITH_OPS=1 "${PIP[@]}" wheel --no-build-isolation --no-deps --no-cache-dir \
             -w "$BUILD_TMP" "mmcv==$MMCV_VERSION" \
             || die "mmcv $MMCV_VERSION build failed (see the compiler output above)"
         mv "$BUILD_TMP"/mmcv-*.whl "$WHEEL_DIR"/
