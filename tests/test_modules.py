@@ -244,3 +244,16 @@ def test_parameter_counts_per_block():
     assert math.isclose(
         sum(p.numel() for p in GatherExcite(8).parameters()), 0)
     assert isinstance(m.mix, nn.Conv1d) and m.mix.kernel_size == (3, )
+
+
+@pytest.mark.parametrize('feature_size,grid,hw', [
+    (64, 16, (56, 56)), (64, 16, (200, 304)), (32, 16, (33, 57)),
+    (8, 16, (7, 7)), ((8, 12), 4, (5, 3)), (16, 16, (1, 1))])
+def test_psi_squeeze_away_from_reference_equals_resample_then_squeeze(
+        feature_size, grid, hw):
+    from mmctx.models.utils import resample_to
+    m = randomize(PatchSpatialInteraction(24, feature_size, grid_size=grid))
+    x = torch.randn(2, 24, *hw)
+    naive = m.squeeze(resample_to(x, m.feature_size)).squeeze(1)
+    torch.testing.assert_close(m.squeeze_patches(x), naive, rtol=1e-5,
+                               atol=1e-5)

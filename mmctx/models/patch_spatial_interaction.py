@@ -1,5 +1,6 @@
 """Patch Spatial Interaction ("Patch Spatial Interactions for Long-Range
 Dependencies in CNNs"): squeeze-and-excitation over space."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModule, constant_init
@@ -83,8 +84,27 @@ class PatchSpatialInteraction(BaseModule):
         # Zero the last layer: the gate starts as sigmoid(0) everywhere.
         constant_init(self.mlp[-1], 0)
 
+    def squeeze_patches(self, x):
+        """One value per patch: ``squeeze(resample_to(x, feature_size))``.
+
+        Away from the reference size, the channels are squeezed before the
+        resampling (both are linear, so the result is the same): one 1x1 conv
+        gives a map per kernel offset, and only those few maps are resampled
+        instead of all C channels.
+        """
+        if tuple(x.shape[-2:]) == self.feature_size:
+            return self.squeeze(x)
+        (ph, pw), (gh, gw) = self.squeeze.kernel_size, self.grid
+        weight = self.squeeze.weight.permute(2, 3, 0, 1)  # (ph, pw, 1, C)
+        maps = F.conv2d(x, weight.reshape(ph * pw, -1, 1, 1))
+        maps = resample_to(maps, self.feature_size)
+        maps = maps.view(x.shape[0], ph, pw, gh, ph, gw, pw)
+        # Map (i, j) contributes its pixels at offset (i, j) of each patch.
+        patches = torch.einsum('zijaibj->zab', maps)
+        return patches + self.squeeze.bias.view(1, 1, 1)
+
     def forward(self, x):
-        patches = self.squeeze(resample_to(x, self.feature_size))
+        patches = self.squeeze_patches(x)
         weights = self.mlp(patches.flatten(1)).sigmoid()
         weights = weights.view(x.shape[0], 1, *self.grid)
         return x * F.interpolate(weights, size=x.shape[-2:], mode='nearest')

@@ -165,8 +165,9 @@ def main():
         f'- latency: median of {args.repeats} timed forward passes of the '
         f'whole batch after {args.warmup} warm-up passes, models interleaved '
         'round-robin in one process (rotating the start each round); the '
-        'CPU-time ratio compares the median process CPU time (all threads), '
-        'which time spent descheduled by other load does not inflate', ''
+        'CPU-time ratio compares median process CPU time (all threads): '
+        'time spent descheduled by other load is left out, but with >1 '
+        'thread spin-waiting at barriers is not', ''
     ]
     with torch.no_grad():
         for shape, batch in settings:
