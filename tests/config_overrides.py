@@ -44,12 +44,34 @@ def config_path(name):
     return CONFIG_DIR / f'{name}.py'
 
 
+_CONFIGS = {}
+
+
 def load_config(name, options=None):
+    """``configs/<name>.py`` (parsed once per session; every call returns a
+    fresh copy), with ``options`` merged in."""
+    import copy
+
     from mmengine.config import Config
-    cfg = Config.fromfile(str(config_path(name)))
+    if name not in _CONFIGS:
+        _CONFIGS[name] = Config.fromfile(str(config_path(name)))
+    cfg = copy.deepcopy(_CONFIGS[name])
     if options:
         cfg.merge_from_dict(options)
     return cfg
+
+
+def iter_strings(obj):
+    """Every string anywhere inside a (nested) config value."""
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from iter_strings(key)
+            yield from iter_strings(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from iter_strings(value)
 
 
 def _pipeline_index(cfg, loader, transform):
