@@ -1,57 +1,13 @@
 # Cascade R-CNN R50-FPN 1x, COCO 2017 -- backbone: PSI-ResNet-50: Patch
-# Spatial Interaction (16x16 patch grid) in all blocks.
-# Paper: not reported for this combination.
-#
-# Recipe (paper): ImageNet-pretrained ResNet-50, SGD lr 0.02 / momentum 0.9 /
-# wd 1e-4, 1x schedule (12 epochs, lr / 10 after epochs 8 and 11), images
-# resized to 1333x800, 2 GPUs x 8 images per GPU = 16 images per iteration:
+# Spatial Interaction (16x16 patch grid) in all blocks. Recipe and overrides:
+# cascade_rcnn_r50.py. Paper: not reported for this combination.
 #   tools/dist_train.sh configs/cascade_rcnn_psi_r50.py 2
-# lr 0.02 belongs to 16 images per iteration (auto_scale_lr.base_batch_size);
-# with another GPU count or batch size add `--auto-scale-lr` (lr is scaled by
-# total batch / 16), e.g. 8 GPUs x 8 images:
-#   tools/dist_train.sh configs/cascade_rcnn_psi_r50.py 8 --auto-scale-lr
-#
-# Overrides (see configs/README.md):
-# - `pretrained`: a LOCAL ImageNet ResNet-50 checkpoint (torchvision, mmdet or
-#   mmpretrain layout; nothing is downloaded, a missing file is an error when
-#   the model is built). Edit it here or pass
-#   `--cfg-options model.backbone.init_cfg.checkpoint=/path/to/resnet50.pth`
-#   (`pretrained=...` on the command line would not reach the backbone: config
-#   variables are substituted when this file is read). From scratch:
-#   `--cfg-options model.backbone.init_cfg=None`.
-# - `data_root`: COCO 2017 (annotations/instances_{train,val}2017.json,
-#   train2017/, val2017/). Edit it here, or override the dataloaders'
-#   `dataset.data_root` and the evaluators' `ann_file`.
-_base_ = 'mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py'
-
-custom_imports = dict(imports=['mmctx'], allow_failed_imports=False)
-
-data_root = 'data/coco/'
-pretrained = 'checkpoints/resnet50.pth'
+_base_ = './cascade_rcnn_r50.py'
 
 model = dict(
     backbone=dict(
-        _delete_=True,
         type='PSIResNet',
         psi=dict(grid_size=16, hidden_ratio=0.5),
         stage_with_psi=(True, True, True, True),
-        # patch grid built for 256x256 inputs (maps 64/32/16/8) as in the
-        # reference; other sizes are average-pooled to that grid first
-        reference_input_size=256,
-        depth=50,
-        num_stages=4,
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=1,
-        norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=True,
-        style='pytorch',
-        # replaces upstream's `torchvision://resnet50` (no downloads)
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
-
-# 2 GPUs x 8 images (paper); lr 0.02 is for base_batch_size = 16 images.
-train_dataloader = dict(batch_size=8, dataset=dict(data_root=data_root))
-val_dataloader = dict(dataset=dict(data_root=data_root))
-test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
-test_evaluator = val_evaluator
-auto_scale_lr = dict(enable=False, base_batch_size=16)
+        # patch grid of a 256 input; other sizes are average-pooled to it
+        reference_input_size=256))

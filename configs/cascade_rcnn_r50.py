@@ -1,5 +1,6 @@
-# Cascade R-CNN R50-FPN 1x, COCO 2017 -- backbone: plain ResNet-50 (SBResNet
-# with sb=None is exactly mmdet's ResNet; it reads every checkpoint layout).
+# Cascade R-CNN R50-FPN 1x, COCO 2017 -- backbone: plain ResNet-50
+# (ContextResNet = mmdet's ResNet reading every checkpoint layout).
+# The family's recipe: the other *_r50.py configs inherit it.
 # Paper (Go & Ryu, "Spatial Bias"): box AP 41.9.
 #
 # Recipe (paper): ImageNet-pretrained ResNet-50, SGD lr 0.02 / momentum 0.9 /
@@ -32,8 +33,7 @@ pretrained = 'checkpoints/resnet50.pth'
 model = dict(
     backbone=dict(
         _delete_=True,
-        type='SBResNet',
-        sb=None,
+        type='ContextResNet',
         depth=50,
         num_stages=4,
         out_indices=(0, 1, 2, 3),

@@ -1,61 +1,13 @@
-# Faster R-CNN R50-FPN 1x, COCO 2017 -- backbone: SB-GCNet: SB-ResNet-50 plus
-# GCNet ContextBlocks (ratio 1/16, after conv3, stages 2-4, as mmdet's gcnet
-# configs).
-# Paper: not reported for this combination.
-#
-# Recipe (paper): ImageNet-pretrained ResNet-50, SGD lr 0.02 / momentum 0.9 /
-# wd 1e-4, 1x schedule (12 epochs, lr / 10 after epochs 8 and 11), images
-# resized to 1333x800, 2 GPUs x 8 images per GPU = 16 images per iteration:
+# Faster R-CNN R50-FPN 1x, COCO 2017 -- backbone: SB-GCNet: SB-ResNet-50
+# (faster_rcnn_sb_r50.py) plus GCNet ContextBlocks (ratio 1/16, after conv3,
+# stages 2-4, as mmdet's gcnet configs). Paper: not reported for this one.
 #   tools/dist_train.sh configs/faster_rcnn_sb_gc_r50.py 2
-# lr 0.02 belongs to 16 images per iteration (auto_scale_lr.base_batch_size);
-# with another GPU count or batch size add `--auto-scale-lr` (lr is scaled by
-# total batch / 16), e.g. 8 GPUs x 8 images:
-#   tools/dist_train.sh configs/faster_rcnn_sb_gc_r50.py 8 --auto-scale-lr
-#
-# Overrides (see configs/README.md):
-# - `pretrained`: a LOCAL ImageNet ResNet-50 checkpoint (torchvision, mmdet or
-#   mmpretrain layout; nothing is downloaded, a missing file is an error when
-#   the model is built). Edit it here or pass
-#   `--cfg-options model.backbone.init_cfg.checkpoint=/path/to/resnet50.pth`
-#   (`pretrained=...` on the command line would not reach the backbone: config
-#   variables are substituted when this file is read). From scratch:
-#   `--cfg-options model.backbone.init_cfg=None`.
-# - `data_root`: COCO 2017 (annotations/instances_{train,val}2017.json,
-#   train2017/, val2017/). Edit it here, or override the dataloaders'
-#   `dataset.data_root` and the evaluators' `ann_file`.
-_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
-
-custom_imports = dict(imports=['mmctx'], allow_failed_imports=False)
-
-data_root = 'data/coco/'
-pretrained = 'checkpoints/resnet50.pth'
+_base_ = './faster_rcnn_sb_r50.py'
 
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='SBResNet',
-        sb=dict(num_bias=3, pool_size=10),
-        stage_with_sb=(True, True, True, False),
-        plugins=[
-            dict(
-                cfg=dict(type='ContextBlock', ratio=1. / 16),
-                stages=(False, True, True, True),
-                position='after_conv3')
-        ],
-        depth=50,
-        num_stages=4,
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=1,
-        norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=True,
-        style='pytorch',
-        # replaces upstream's `torchvision://resnet50` (no downloads)
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
-
-# 2 GPUs x 8 images (paper); lr 0.02 is for base_batch_size = 16 images.
-train_dataloader = dict(batch_size=8, dataset=dict(data_root=data_root))
-val_dataloader = dict(dataset=dict(data_root=data_root))
-test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
-test_evaluator = val_evaluator
-auto_scale_lr = dict(enable=False, base_batch_size=16)
+    backbone=dict(plugins=[
+        dict(
+            cfg=dict(type='ContextBlock', ratio=1. / 16),
+            stages=(False, True, True, True),
+            position='after_conv3')
+    ]))

@@ -1,5 +1,6 @@
 # Semantic FPN, ADE20K (150 classes), 512x512 crops, 40k iterations --
-# backbone: plain ResNet-50 (SBResNet with sb=None = mmdet ResNet).
+# backbone: plain ResNet-50 (ContextResNet = mmdet ResNet). The family's
+# recipe: the other fpn_*_ade20k.py configs inherit it.
 # Paper numbers: see configs/README.md.
 #
 # Recipe (paper): ImageNet-pretrained ResNet-50, 2 GPUs x 14 images per GPU
@@ -40,8 +41,7 @@ model = dict(
     pretrained=None,
     backbone=dict(
         _delete_=True,
-        type='SBResNet',
-        sb=None,
+        type='ContextResNet',
         depth=50,
         num_stages=4,
         out_indices=(0, 1, 2, 3),

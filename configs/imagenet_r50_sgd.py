@@ -1,5 +1,5 @@
 # ImageNet-1k classification, recipe (b) of the paper -- backbone: plain
-# ResNet-50 (SBResNet with sb=None = mmdet ResNet).
+# ResNet-50 (ContextResNet = mmdet ResNet). Siblings inherit this.
 # Paper (Go & Ryu, "Spatial Bias"): top-1 76.05 (which of the two recipes
 # is not stated; see configs/README.md).
 #
@@ -19,8 +19,7 @@ data_root = 'data/imagenet'
 
 model = dict(
     backbone=dict(
-        type='SBResNet',
-        sb=None,
+        type='ContextResNet',
         # mmdet's ResNet defaults to frozen BN statistics (norm_eval=True);
         # classification training needs them updated
         norm_eval=False,
