@@ -12,7 +12,7 @@
 # total batch / 16), e.g. 8 GPUs x 8 images:
 #   tools/dist_train.sh configs/cascade_rcnn_r50.py 8 --auto-scale-lr
 #
-# Overrides (see configs/README.md):
+# Overrides (see README.md (Configs)):
 # - `pretrained`: a LOCAL ImageNet ResNet-50 checkpoint (torchvision, mmdet or
 #   mmpretrain layout; nothing is downloaded, a missing file is an error when
 #   the model is built). Edit it here or pass

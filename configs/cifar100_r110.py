@@ -1,6 +1,6 @@
 # CIFAR-100, bottleneck CIFAR ResNet-110 (12 blocks per stage, planes
 # 16/32/64, 3x3 stem, 1,170,868 parameters). Recipe: cifar100_r38.py.
-# Paper numbers: see configs/README.md.
+# Paper numbers: see README.md (Configs).
 #   python tools/train.py configs/cifar100_r110.py
 # (3 seeds as in cifar100_r38.py)
 _base_ = './cifar100_r38.py'

@@ -1,6 +1,6 @@
 # CIFAR-100, bottleneck CIFAR ResNet-38 (4 blocks per stage, planes
 # 16/32/64, 3x3 stem, 428,980 parameters).
-# Paper numbers: see configs/README.md.
+# Paper numbers: see README.md (Configs).
 #
 # Recipe (paper): batch 64 on one GPU, SGD lr 0.25 (momentum 0.9), divided by
 # 10 every 75 epochs, 300 epochs; the paper reports the mean of 3 seeds:

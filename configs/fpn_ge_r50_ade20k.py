@@ -1,6 +1,6 @@
 # Semantic FPN, ADE20K (150 classes), 512x512 crops, 40k iterations --
 # backbone: GE-ResNet-50, GE-theta+ (global extent), see faster_rcnn_ge_r50.py.
-# Recipe and overrides: fpn_r50_ade20k.py. Paper numbers: configs/README.md.
+# Recipe and overrides: fpn_r50_ade20k.py. Paper numbers: README.md (Configs).
 #   tools/dist_train.sh configs/fpn_ge_r50_ade20k.py 2
 _base_ = './fpn_r50_ade20k.py'
 

@@ -1,6 +1,6 @@
 # Semantic FPN, ADE20K (150 classes), 512x512 crops, 40k iterations --
 # backbone: PSI-ResNet-50 (16x16 patch grid, all blocks).
-# Recipe and overrides: fpn_r50_ade20k.py. Paper numbers: configs/README.md.
+# Recipe and overrides: fpn_r50_ade20k.py. Paper numbers: README.md (Configs).
 #   tools/dist_train.sh configs/fpn_psi_r50_ade20k.py 2
 _base_ = './fpn_r50_ade20k.py'
 

@@ -1,7 +1,7 @@
 # Semantic FPN, ADE20K (150 classes), 512x512 crops, 40k iterations --
 # backbone: plain ResNet-50 (ContextResNet = mmdet ResNet). The family's
 # recipe: the other fpn_*_ade20k.py configs inherit it.
-# Paper numbers: see configs/README.md.
+# Paper numbers: see README.md (Configs).
 #
 # Recipe (paper): ImageNet-pretrained ResNet-50, 2 GPUs x 14 images per GPU
 # (28 images per iteration), 40k iterations, AdamW, polynomial lr decay:
@@ -19,7 +19,7 @@
 # standard-stem checkpoint (torchvision, or our configs/imagenet_*_r50_*.py)
 # add `--cfg-options model.backbone.deep_stem=False`.
 #
-# Overrides (see configs/README.md):
+# Overrides (see README.md (Configs)):
 # - `pretrained`: LOCAL checkpoint, nothing is downloaded; a missing file is an
 #   error when the model is built. Edit it here or pass
 #   `--cfg-options model.backbone.init_cfg.checkpoint=/path/to/ckpt.pth`

@@ -1,6 +1,6 @@
 # ImageNet-1k classification, recipe (a) (LAMB, imagenet_r50_lamb.py) --
 # backbone: GE-ResNet-50, GE-theta+ (depthwise gather, global extent, SE
-# excite). Paper numbers: see configs/README.md.
+# excite). Paper numbers: see README.md (Configs).
 #   tools/dist_train.sh configs/imagenet_ge_r50_lamb.py 8
 _base_ = './imagenet_r50_lamb.py'
 

@@ -1,6 +1,6 @@
 # ImageNet-1k classification, recipe (b) (SGD, imagenet_r50_sgd.py) --
 # backbone: GE-ResNet-50, GE-theta+ (depthwise gather, global extent, SE
-# excite). Paper numbers: see configs/README.md.
+# excite). Paper numbers: see README.md (Configs).
 #   tools/dist_train.sh configs/imagenet_ge_r50_sgd.py 8
 _base_ = './imagenet_r50_sgd.py'
 

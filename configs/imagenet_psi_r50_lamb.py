@@ -1,6 +1,6 @@
 # ImageNet-1k classification, recipe (a) (LAMB, imagenet_r50_lamb.py) --
 # backbone: PSI-ResNet-50 (16x16 patch grid, all blocks).
-# Paper numbers: see configs/README.md.
+# Paper numbers: see README.md (Configs).
 #   tools/dist_train.sh configs/imagenet_psi_r50_lamb.py 8
 _base_ = './imagenet_r50_lamb.py'
 

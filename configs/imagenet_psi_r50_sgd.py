@@ -1,6 +1,6 @@
 # ImageNet-1k classification, recipe (b) (SGD, imagenet_r50_sgd.py) --
 # backbone: PSI-ResNet-50 (16x16 patch grid, all blocks).
-# Paper numbers: see configs/README.md.
+# Paper numbers: see README.md (Configs).
 #   tools/dist_train.sh configs/imagenet_psi_r50_sgd.py 8
 _base_ = './imagenet_r50_sgd.py'
 

@@ -1,7 +1,7 @@
 # ImageNet-1k classification, recipe (a) of the paper -- backbone: plain
 # ResNet-50 (ContextResNet = mmdet ResNet). Siblings inherit this.
 # Paper (Go & Ryu, "Spatial Bias"): top-1 76.05 (which of the two recipes
-# is not stated; see configs/README.md).
+# is not stated; see README.md (Configs)).
 #
 # LAMB lr 8e-3 for 512 images per iteration, cosine decay (5 linear warm-up
 # epochs), 100 epochs: the lr/optimiser/schedule of mmpretrain's "ResNet

@@ -1,7 +1,7 @@
 # ImageNet-1k classification, recipe (b) of the paper -- backbone: plain
 # ResNet-50 (ContextResNet = mmdet ResNet). Siblings inherit this.
 # Paper (Go & Ryu, "Spatial Bias"): top-1 76.05 (which of the two recipes
-# is not stated; see configs/README.md).
+# is not stated; see README.md (Configs)).
 #
 # SGD (momentum 0.9, wd 1e-4), lr 0.1 for 256 images per iteration, divided
 # by 10 at epochs 30, 60 and 80, 90 epochs, 224 crops; 8 GPUs x 32 images:

@@ -1,6 +1,6 @@
 # ImageNet-1k classification, recipe (b) (SGD, imagenet_r50_sgd.py) --
 # backbone: SB-ResNet-50 (Spatial Bias k=3, 10x10 pooling, stages 1-3).
-# Paper (Go & Ryu): top-1 76.86, plain R50 76.05 (see configs/README.md).
+# Paper (Go & Ryu): top-1 76.86, plain R50 76.05 (see README.md (Configs)).
 #   tools/dist_train.sh configs/imagenet_sb_r50_sgd.py 8
 _base_ = './imagenet_r50_sgd.py'
 

@@ -104,7 +104,7 @@ def run(probe_dir):
         full_env['PYTHONPATH'] = os.pathsep.join(
             [str(REPO_ROOT), str(probe_dir)] +
             ([full_env['PYTHONPATH']] if full_env.get('PYTHONPATH') else []))
-        full_env.setdefault('PYTHON', sys.executable)
+        full_env['PYTHON'] = sys.executable  # tools/dist_*.sh use it
         full_env.update(env or {})
         proc = subprocess.run([str(c) for c in cmd], cwd=str(cwd),
                               env=full_env, stdout=subprocess.PIPE,

@@ -65,14 +65,20 @@ else
 fi
 
 # --- 3. mmcv 2.1.0 with ops -------------------------------------------------
-mmcv_ok() {
-    "$PYTHON" - <<PY >/dev/null 2>&1
+mmcv_ok() {  # mmcv_ok [verbose]: is mmcv $MMCV_VERSION with working ops importable?
+    local out
+    if out=$("$PYTHON" - 2>&1 <<PY
 import mmcv
-assert mmcv.__version__ == '$MMCV_VERSION', mmcv.__version__
+assert mmcv.__version__ == '$MMCV_VERSION', 'mmcv ' + mmcv.__version__
 import torch
 from mmcv.ops import nms
 nms(torch.tensor([[0., 0., 1., 1.]]), torch.tensor([1.]), 0.5)
 PY
+    ); then
+        return 0
+    fi
+    [[ -n "${1:-}" ]] && echo "$out" | tail -n 5 >&2
+    return 1
 }
 WHEEL_DIR="$CACHE_ROOT/wheels/torch-$TORCH_VERSION-$TORCH_FLAVOUR"
 if mmcv_ok; then
@@ -93,23 +99,27 @@ else
     else
         log "mmcv: using cached wheel $WHEEL"
     fi
-    log "mmcv: pip install --no-deps $WHEEL"
-    "${PIP[@]}" install --no-deps --force-reinstall "$WHEEL"
-    mmcv_ok || die "mmcv installed from $WHEEL but 'from mmcv.ops import nms' fails; delete the wheel to rebuild"
+    # mmcv's own requirements (mmengine, numpy, opencv, ...) never include
+    # torch, so installing them with the wheel keeps the torch we have
+    log "mmcv: pip install $WHEEL (+ its requirements: mmengine, numpy, opencv, ...)"
+    "${PIP[@]}" install --force-reinstall --no-deps "$WHEEL"
+    "${PIP[@]}" install "$WHEEL"
+    mmcv_ok verbose || die "mmcv installed from $WHEEL but 'from mmcv.ops import nms' fails (error above); delete $WHEEL to rebuild it"
 fi
 
 # --- 4. the rest + mmctx (editable) ------------------------------------------
 # --no-build-isolation: use the setuptools installed above instead of fetching
 # one into an isolated env. mmcv==2.1.0 is already satisfied, so pip does not
 # try to build it.
-log "mmctx: pip install -e $REPO_ROOT (mmengine, mmdet, mmseg, mmpretrain, ...)"
+log "mmctx: pip install -e $REPO_ROOT[tests] (mmengine, mmdet, mmseg, mmpretrain, pytest, ...)"
 PIP_LOG=$(mktemp)
-if ! "${PIP[@]}" install --no-build-isolation -e "$REPO_ROOT" >"$PIP_LOG" 2>&1; then
+if ! "${PIP[@]}" install --no-build-isolation -e "$REPO_ROOT[tests]" >"$PIP_LOG" 2>&1; then
     cat "$PIP_LOG" >&2
     die "pip install -e $REPO_ROOT failed (output above)"
 fi
 grep -v -e '^Requirement already satisfied' -e '^Looking in' -e '^Obtaining' \
-    -e '^  ' "$PIP_LOG" | sed 's/^/[setup_env]   pip: /' || true
+    -e '^  ' -e '^WARNING: Location' -e "^WARNING: Running pip as the 'root'" \
+    "$PIP_LOG" | sed 's/^/[setup_env]   pip: /' || true
 rm -f "$PIP_LOG"
 
 # --- 5. sanity ---------------------------------------------------------------
