@@ -99,3 +99,4 @@ default_hooks = dict(
         max_keep_ckpts=1))
 log_processor = dict(type='LogProcessor', window_size=5, by_epoch=False)
 auto_scale_lr = dict(enable=False, base_batch_size=2)
+randomness = dict(seed=0)
