@@ -47,9 +47,8 @@ class ContextResNet(ResNet):
         if depth not in self.arch_settings:
             raise ValueError(f'depth must be one of '
                              f'{sorted(self.arch_settings)}, got {depth!r}')
-        checkpoint = init_cfg.get('checkpoint') \
-            if isinstance(init_cfg, dict) else None
-        if init_cfg is not None and init_cfg.get('type') == 'Pretrained':
+        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+            checkpoint = init_cfg.get('checkpoint')
             if '://' in str(checkpoint):
                 raise ValueError(
                     'init_cfg.checkpoint must be a local file path (no '
