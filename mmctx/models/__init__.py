@@ -1,4 +1,5 @@
-from .backbones import *  # noqa: F401,F403
+from .backbones import (CifarResNet, ContextResNet, GEResNet, PSIResNet,
+                        SBBottleneck, SBResNet)
 from .gather_excite import GatherExcite
 from .patch_spatial_interaction import PatchSpatialInteraction
 from .spatial_bias import SpatialBias

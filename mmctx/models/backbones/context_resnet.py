@@ -86,6 +86,19 @@ class ContextResNet(ResNet):
                  position=position) for i in range(num_stages) if flags[i]
         ]
 
+    @classmethod
+    def size_bound_plugins(cls, plugin_type, name, plugin_cfg, flags_name,
+                           flags, reference_input_size, resnet_kwargs):
+        """Checked ``after_conv3`` plugins of a module whose weights depend
+        on the feature size (GE, PSI), one per stage in ``flags``."""
+        check_plugin_cfg(name, plugin_cfg, ('feature_size', 'in_channels'))
+        flags = check_stage_flags(flags_name, flags,
+                                  resnet_kwargs.get('num_stages', 4))
+        sizes = cls.stage_feature_sizes(
+            reference_input_size, resnet_kwargs.get('strides', (1, 2, 2, 2)))
+        return cls.per_stage_plugins(
+            dict(type=plugin_type, **plugin_cfg), flags, sizes, 'after_conv3')
+
     def stage_of(self, planes):
         """Stage index of a res layer, from its width (planes = base * 2^i)."""
         return int(math.log2(planes // self.base_channels))

@@ -2,8 +2,7 @@
 every bottleneck (Hu et al., NeurIPS 2018)."""
 from mmengine.registry import MODELS
 
-from ..utils import check_stage_flags
-from .context_resnet import ContextResNet, check_plugin_cfg
+from .context_resnet import ContextResNet
 
 
 @MODELS.register_module()
@@ -36,12 +35,7 @@ class GEResNet(ContextResNet):
                  reference_input_size=224,
                  plugins=None,
                  **kwargs):
-        check_plugin_cfg('ge', ge, ('feature_size', 'in_channels'))
-        flags = check_stage_flags('stage_with_ge', stage_with_ge,
-                                  kwargs.get('num_stages', 4))
-        sizes = self.stage_feature_sizes(
-            reference_input_size, kwargs.get('strides', (1, 2, 2, 2)))
-        ge_plugins = self.per_stage_plugins(
-            dict(type='GatherExcite', **ge), flags, sizes, 'after_conv3')
-        super().__init__(
-            depth, plugins=ge_plugins + list(plugins or []), **kwargs)
+        plugins = self.size_bound_plugins(
+            'GatherExcite', 'ge', ge, 'stage_with_ge',
+            stage_with_ge, reference_input_size, kwargs) + list(plugins or [])
+        super().__init__(depth, plugins=plugins, **kwargs)

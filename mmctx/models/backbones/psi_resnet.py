@@ -2,8 +2,7 @@
 conv3 + bn3 of every bottleneck."""
 from mmengine.registry import MODELS
 
-from ..utils import check_stage_flags
-from .context_resnet import ContextResNet, check_plugin_cfg
+from .context_resnet import ContextResNet
 
 
 @MODELS.register_module()
@@ -33,13 +32,7 @@ class PSIResNet(ContextResNet):
                  reference_input_size=256,
                  plugins=None,
                  **kwargs):
-        check_plugin_cfg('psi', psi, ('feature_size', 'in_channels'))
-        flags = check_stage_flags('stage_with_psi', stage_with_psi,
-                                  kwargs.get('num_stages', 4))
-        sizes = self.stage_feature_sizes(
-            reference_input_size, kwargs.get('strides', (1, 2, 2, 2)))
-        psi_plugins = self.per_stage_plugins(
-            dict(type='PatchSpatialInteraction', **psi), flags, sizes,
-            'after_conv3')
-        super().__init__(
-            depth, plugins=psi_plugins + list(plugins or []), **kwargs)
+        plugins = self.size_bound_plugins(
+            'PatchSpatialInteraction', 'psi', psi, 'stage_with_psi',
+            stage_with_psi, reference_input_size, kwargs) + list(plugins or [])
+        super().__init__(depth, plugins=plugins, **kwargs)
