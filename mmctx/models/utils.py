@@ -1,4 +1,5 @@
-"""Argument checks shared by the modules: fail at construction, by name."""
+"""Helpers shared by the modules: argument checks that fail at construction
+by name, a batch-size-safe norm call, and resampling to a reference grid."""
 import numbers
 
 import torch.nn.functional as F
