@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Set up the mmctx stack in the active Python environment ($PYTHON, default
 # python3): torch (kept if present), mmcv 2.1.0 with compiled ops (built once
-# per torch version and cached outside the repo), mmengine/mmdet/mmseg/
-# mmpretrain and `pip install -e .`. Idempotent: a second run only checks.
+# per torch version -- and, for a CUDA torch, CUDA version and GPU arch list --
+# and cached outside the repo), mmengine/mmdet/mmseg/mmpretrain and
+# `pip install -e .`. Idempotent: a second run only checks.
 #
 #   PYTHON=/path/to/venv/bin/python bash tools/setup_env.sh
 #
 # Environment: PYTHON (python3), MMCTX_CACHE ($HOME/.cache/mmctx),
 # TORCH_SPEC (torch==2.13.0, used only when no torch is installed),
 # MAX_JOBS (parallel compile jobs for the mmcv build).
+# With a CUDA torch, mmcv's ops are built with CUDA (FORCE_CUDA=1):
+# TORCH_CUDA_ARCH_LIST (default: the visible GPUs' archs, else a list per CUDA
+# version), CUDA_HOME (else nvcc on PATH, else /usr/local/cuda, else -- CUDA 13
+# only -- the pip toolkit). The decisions live in tools/setup_helpers.py.
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
@@ -38,15 +43,13 @@ else
     log "torch: none installed -> pip install $TORCH_SPEC"
     "${PIP[@]}" install "$TORCH_SPEC" || die "could not install $TORCH_SPEC"
 fi
-read -r TORCH_VERSION TORCH_FLAVOUR PYTAG < <("$PYTHON" - <<'PY'
-import sys, torch
-cuda = torch.version.cuda
-print(torch.__version__.split('+')[0],
-      'cu' + cuda.replace('.', '') if cuda else 'cpu',
-      'cp%d%d' % sys.version_info[:2])
-PY
-)
+HELPER="$REPO_ROOT/tools/setup_helpers.py"
+PLAN=$("$PYTHON" "$HELPER" plan) || die "could not plan the mmcv build (above)"
+eval "$PLAN"  # TORCH_VERSION TORCH_CUDA TORCH_FLAVOUR PYTAG ARCH_LIST ARCH_SOURCE CACHE_KEY
 log "torch: $TORCH_VERSION ($TORCH_FLAVOUR), python tag $PYTAG"
+if [[ -n "$TORCH_CUDA" ]]; then
+    log "cuda: mmcv ops for CUDA $TORCH_CUDA, TORCH_CUDA_ARCH_LIST='$ARCH_LIST' ($ARCH_SOURCE), cache key $CACHE_KEY"
+fi
 
 # --- 2. build dependencies for mmcv -----------------------------------------
 # mmcv's setup.py imports pkg_resources (gone in setuptools 82); torch 2.13
@@ -65,32 +68,54 @@ else
 fi
 
 # --- 3. mmcv 2.1.0 with ops -------------------------------------------------
-mmcv_ok() {  # mmcv_ok [verbose]: is mmcv $MMCV_VERSION with working ops importable?
+# tools/setup_helpers.py check-mmcv: mmcv $MMCV_VERSION whose ops import and
+# run; under a CUDA torch also CUDA ops (not a CPU-only build) whose nms and
+# roi_align on every visible GPU equal their CPU results.
+mmcv_ok() {  # mmcv_ok [verbose]
     local out
-    if out=$("$PYTHON" - 2>&1 <<PY
-import mmcv
-assert mmcv.__version__ == '$MMCV_VERSION', 'mmcv ' + mmcv.__version__
-import torch
-from mmcv.ops import nms
-nms(torch.tensor([[0., 0., 1., 1.]]), torch.tensor([1.]), 0.5)
-PY
-    ); then
+    if out=$("$PYTHON" "$HELPER" check-mmcv 2>&1); then
+        MMCV_STATUS=$(echo "$out" | tail -n 1)
         return 0
     fi
-    [[ -n "${1:-}" ]] && echo "$out" | tail -n 5 >&2
+    [[ -n "${1:-}" ]] && echo "$out" | tail -n 5 | sed 's/^/[setup_env]   /' >&2
     return 1
 }
-WHEEL_DIR="$CACHE_ROOT/wheels/torch-$TORCH_VERSION-$TORCH_FLAVOUR"
+# the CUDA toolkit that builds mmcv's CUDA ops: exports CUDA_HOME
+find_cuda_toolkit() {
+    local found
+    found=$("$PYTHON" "$HELPER" toolkit) || die "no usable CUDA toolkit (above)"
+    eval "$found"  # TOOLKIT_HOME TOOLKIT_SOURCE TOOLKIT_NVCC TOOLKIT_PIP
+    if [[ -n "$TOOLKIT_PIP" ]]; then
+        local pkgs
+        read -r -a pkgs <<<"$TOOLKIT_PIP"  # no globbing of the '==13.0.*' specs
+        log "cuda: pip install ${pkgs[*]}"
+        "${PIP[@]}" install "${pkgs[@]}" \
+            || die "could not pip install the CUDA $TORCH_CUDA toolkit ($TOOLKIT_PIP); without a package registry install the CUDA ${TORCH_CUDA%%.*}.x toolkit from NVIDIA and set CUDA_HOME"
+        found=$("$PYTHON" "$HELPER" pip-toolkit-home) || die "the pip CUDA toolkit is unusable (above)"
+        eval "$found"
+    fi
+    export CUDA_HOME="$TOOLKIT_HOME"
+    log "cuda: toolkit CUDA_HOME=$CUDA_HOME (nvcc $TOOLKIT_NVCC, from $TOOLKIT_SOURCE)"
+}
+WHEEL_DIR="$CACHE_ROOT/wheels/$CACHE_KEY"
 if mmcv_ok; then
-    log "mmcv: $MMCV_VERSION with working ops already installed"
+    log "mmcv: already installed and fine: $MMCV_STATUS"
 else
     WHEEL=$(ls "$WHEEL_DIR"/mmcv-$MMCV_VERSION-$PYTAG-*.whl 2>/dev/null | head -n1 || true)
     if [[ -z "$WHEEL" ]]; then
         log "mmcv: no cached wheel in $WHEEL_DIR -> building mmcv $MMCV_VERSION with ops from source"
-        log "mmcv: this takes ~10 minutes on 2 cores (once per torch version)"
+        BUILD_ENV=(MMCV_WITH_OPS=1)
+        if [[ -n "$TORCH_CUDA" ]]; then
+            find_cuda_toolkit
+            BUILD_ENV+=(FORCE_CUDA=1 "TORCH_CUDA_ARCH_LIST=$ARCH_LIST" "CUDA_HOME=$CUDA_HOME"
+                        "PATH=$CUDA_HOME/bin:$PATH")
+            log "mmcv: building CPU and CUDA ops for $ARCH_LIST: much longer than the ~10 min CPU-only build, growing with the number of archs (MAX_JOBS sets the parallel jobs)"
+        else
+            log "mmcv: this takes ~10 minutes on 2 cores (once per torch version)"
+        fi
         mkdir -p "$WHEEL_DIR"
         BUILD_TMP=$(mktemp -d)
-        MMCV_WITH_OPS=1 "${PIP[@]}" wheel --no-build-isolation --no-deps --no-cache-dir \
+        env "${BUILD_ENV[@]}" "${PIP[@]}" wheel --no-build-isolation --no-deps --no-cache-dir \
             -w "$BUILD_TMP" "mmcv==$MMCV_VERSION" \
             || die "mmcv $MMCV_VERSION build failed (see the compiler output above)"
         mv "$BUILD_TMP"/mmcv-*.whl "$WHEEL_DIR"/
@@ -104,7 +129,8 @@ else
     log "mmcv: pip install $WHEEL (+ its requirements: mmengine, numpy, opencv, ...)"
     "${PIP[@]}" install --force-reinstall --no-deps "$WHEEL"
     "${PIP[@]}" install "$WHEEL"
-    mmcv_ok verbose || die "mmcv installed from $WHEEL but 'from mmcv.ops import nms' fails (error above); delete $WHEEL to rebuild it"
+    mmcv_ok verbose || die "mmcv installed from $WHEEL is not acceptable (reason above); delete $WHEEL to rebuild it"
+    log "mmcv: $MMCV_STATUS"
 fi
 
 # --- 4. the rest + mmctx (editable) ------------------------------------------
