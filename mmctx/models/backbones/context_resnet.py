@@ -12,6 +12,7 @@ from mmengine.runner.checkpoint import load_state_dict
 from torch.nn.modules.utils import _pair
 
 from ..utils import check_positive_int, check_stage_flags
+from .trainable_context import TrainableContextMixin
 
 # Prefixes under which stock checkpoints keep the backbone: mmdet / mmseg /
 # mmpretrain models save `backbone.*`; DDP-wrapped ones add `module.`.
@@ -19,7 +20,7 @@ _BACKBONE_PREFIXES = ('module.', 'backbone.')
 
 
 @MODELS.register_module()
-class ContextResNet(ResNet):
+class ContextResNet(TrainableContextMixin, ResNet):
     """Base of the mmctx ResNets, and the plain ResNet of mmctx configs (so
     sibling configs change only ``type`` and their module's arguments):
     upstream :class:`mmdet.models.ResNet` (all

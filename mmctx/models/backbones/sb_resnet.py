@@ -8,6 +8,8 @@ from mmengine.registry import MODELS
 from ..spatial_bias import SpatialBias
 from ..utils import check_stage_flags
 from .context_resnet import ContextResNet
+from .pretrained_slices import (editable_pretrained_slices,
+                                split_pretrained_slices)
 
 
 class SBBottleneck(Bottleneck):
@@ -57,11 +59,23 @@ class SBBottleneck(Bottleneck):
         return self.spatial_bias(inputs[0], output)
 
     def init_weights(self):
-        super().init_weights()
+        with editable_pretrained_slices(self):
+            super().init_weights()
+            if self.spatial_bias.fusion == 'concat':
+                # The bias channels start disconnected: the block is the
+                # plain one.
+                with torch.no_grad():
+                    self.conv3.weight[:, self.planes:] = 0
+
+    def separate_pretrained_slices(self):
+        """In a frozen stage: keep conv3's inputs and bn2's entries of the
+        bias channels trainable, apart from the pretrained ones (see
+        :mod:`mmctx.models.backbones.pretrained_slices`)."""
         if self.spatial_bias.fusion == 'concat':
-            # The bias channels start disconnected: the block is the plain one.
-            with torch.no_grad():
-                self.conv3.weight[:, self.planes:] = 0
+            split_pretrained_slices(self.conv3, ('weight', 'bias'), 1,
+                                    self.planes)
+            split_pretrained_slices(self.norm2, ('weight', 'bias'), 0,
+                                    self.planes)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A plain ResNet checkpoint: pad bn2 and conv3 for the bias channels
