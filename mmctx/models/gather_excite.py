@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
-from torch.nn.modules.utils import _pair
 
-from .utils import check_choice, check_positive_int, normalize, resample_to
+from .utils import (check_choice, check_init_cfg, check_layer_cfg,
+                    check_positive_int, check_size, normalize, resample_to)
 
 VARIANTS = ('parameter_free', 'depthwise', 'depthwise_excite')
 EXTENTS = (2, 4, 8, 'global')
@@ -51,7 +51,7 @@ class GatherExcite(BaseModule):
         feature_size (int | tuple[int], optional): Reference (H, W) of the
             feature map, e.g. 56/28/14/7 in the four ResNet-50 stages at 224
             input. Required by the global depthwise variants (it is their
-            kernel size); ignored otherwise.
+            kernel size); checked but unused otherwise.
         reduction (int): Channel reduction of the excite MLP (16).
         norm_cfg (dict): Norm layer of the depthwise gather.
         init_cfg (dict, optional): Initialisation config.
@@ -65,24 +65,27 @@ class GatherExcite(BaseModule):
                  reduction=16,
                  norm_cfg=dict(type='BN'),
                  init_cfg=None):
+        check_init_cfg('init_cfg', init_cfg)
         super().__init__(init_cfg)
-        check_positive_int('in_channels', in_channels)
-        check_choice('variant', variant, VARIANTS)
-        check_choice('extent', extent, EXTENTS)
-        check_positive_int('reduction', reduction)
+        in_channels = check_positive_int('in_channels', in_channels)
+        variant = check_choice('variant', variant, VARIANTS)
+        extent = check_choice('extent', extent, EXTENTS)
+        reduction = check_positive_int('reduction', reduction)
         if variant == 'depthwise_excite' and in_channels // reduction < 1:
             raise ValueError(
                 f'reduction must be at most in_channels ({in_channels}), '
                 f'got {reduction}')
+        check_layer_cfg('norm_cfg', norm_cfg)
         parametric = variant != 'parameter_free'
-        if parametric and extent == 'global':
-            if feature_size is None:
-                raise ValueError(
-                    'feature_size (the reference H, W of the feature map) is '
-                    f'required for variant={variant!r} with extent=global')
-            feature_size = _pair(feature_size)
-            for side in feature_size:
-                check_positive_int('feature_size', side)
+        if feature_size is not None:
+            feature_size = check_size('feature_size', feature_size)
+        elif parametric and extent == 'global':
+            raise ValueError(
+                'feature_size (the reference H, W of the feature map, the '
+                'global kernel size) is required for '
+                f"variant={variant!r} with extent='global'; as a plugin of a "
+                'stock ResNet give it per stage, or use the GEResNet '
+                'backbone, which derives it from reference_input_size')
         self.in_channels = in_channels
         self.variant = variant
         self.extent = extent

@@ -5,9 +5,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
-from torch.nn.modules.utils import _pair
 
-from .utils import check_positive_int, resample_to
+from .utils import (check_init_cfg, check_positive_int, check_real,
+                    check_size, resample_to)
 
 
 @MODELS.register_module()
@@ -33,7 +33,8 @@ class PatchSpatialInteraction(BaseModule):
 
     Args:
         in_channels (int): Channels C of the input.
-        feature_size (int | tuple[int]): Reference (H, W) of the feature map.
+        feature_size (int | tuple[int]): Reference (H, W) of the feature map
+            (required; the default None raises ValueError naming it).
         grid_size (int): Patches per side n (16).
         hidden_ratio (float): Hidden width of the MLP relative to n*n (1/2).
         init_cfg (dict, optional): Initialisation config.
@@ -41,22 +42,22 @@ class PatchSpatialInteraction(BaseModule):
 
     def __init__(self,
                  in_channels,
-                 feature_size,
+                 feature_size=None,
                  grid_size=16,
                  hidden_ratio=0.5,
                  init_cfg=None):
+        check_init_cfg('init_cfg', init_cfg)
         super().__init__(init_cfg)
-        check_positive_int('in_channels', in_channels)
-        check_positive_int('grid_size', grid_size)
+        in_channels = check_positive_int('in_channels', in_channels)
+        grid_size = check_positive_int('grid_size', grid_size)
         if feature_size is None:
-            raise ValueError('feature_size (the reference H, W of the feature '
-                             'map) is required')
-        feature_size = _pair(feature_size)
-        for side in feature_size:
-            check_positive_int('feature_size', side)
-        if not 0 < hidden_ratio <= 1:
             raise ValueError(
-                f'hidden_ratio must be in (0, 1], got {hidden_ratio!r}')
+                'feature_size (the reference H, W of the feature map, which '
+                'fixes the patch size) is required; as a plugin of a stock '
+                'ResNet give it per stage, or use the PSIResNet backbone, '
+                'which derives it from reference_input_size')
+        feature_size = check_size('feature_size', feature_size)
+        hidden_ratio = check_real('hidden_ratio', hidden_ratio, 0, 1)
         if all(side % grid_size == 0 for side in feature_size):
             patch = tuple(side // grid_size for side in feature_size)
             grid = (grid_size, grid_size)

@@ -7,7 +7,8 @@ from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
-from .utils import check_choice, check_positive_int, normalize
+from .utils import (built_as_plugin, check_choice, check_init_cfg,
+                    check_layer_cfg, check_positive_int, normalize)
 
 
 @MODELS.register_module()
@@ -27,7 +28,8 @@ class SpatialBias(BaseModule):
     :class:`mmctx.models.SBBottleneck`). With ``fusion='add'`` the maps are
     projected back to ``in_channels`` by a zero-initialised 1x1 conv and added
     (the paper's "add" ablation), so the module keeps the channel count and
-    works as a stock ResNet plugin, e.g. at ``position='after_conv2'``.
+    works as a stock ResNet plugin, e.g. at ``position='after_conv2'``; a
+    concatenating SpatialBias built as a stock plugin raises ValueError.
 
     Any input size works: pooling is adaptive (maps smaller than the grid are
     repeated) and upsampling goes to the target's exact size, so non-square
@@ -56,6 +58,7 @@ class SpatialBias(BaseModule):
                  conv_cfg=None,
                  norm_cfg=dict(type='BN'),
                  init_cfg=None):
+        check_init_cfg('init_cfg', init_cfg)
         super().__init__(init_cfg)
         check_positive_int('in_channels', in_channels)
         check_positive_int('num_bias', num_bias)
@@ -66,6 +69,17 @@ class SpatialBias(BaseModule):
                 f'got {num_bias}')
         check_choice('pool_type', pool_type, ('avg', 'max'))
         check_choice('fusion', fusion, ('concat', 'add'))
+        check_layer_cfg('conv_cfg', conv_cfg, optional=True)
+        check_layer_cfg('norm_cfg', norm_cfg)
+        if fusion == 'concat' and built_as_plugin():
+            # A stock plugin must keep its input's channels (see
+            # utils.built_as_plugin); concatenation adds num_bias of them.
+            raise ValueError(
+                "fusion='concat' (the default) cannot work in a stock ResNet "
+                'plugin: it adds num_bias channels that the next layer of '
+                "the block does not take. Use fusion='add' for a plugin, or "
+                "the SBResNet backbone (type='SBResNet', sb=dict(...)) for "
+                "the paper's concatenation")
         self.in_channels = in_channels
         self.num_bias = num_bias
         self.pool_size = pool_size

@@ -1,33 +1,136 @@
 """Helpers shared by the modules: argument checks that fail at construction
 by name, a batch-size-safe norm call, and resampling to a reference grid."""
 import numbers
+import sys
 
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
+# Every check raises ValueError (also for a value of the wrong type), with a
+# message that starts with the argument's name and says what is accepted: one
+# exception type to catch for any bad argument, raised at construction.
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name, value, min_value=None, max_value=None):
+    """Return ``value`` as an int; raise ValueError unless it is an integer
+    (not a bool, not a float such as ``2.0``) in [min_value, max_value]."""
+    if _is_int(value) and (min_value is None or value >= min_value) and \
+            (max_value is None or value <= max_value):
+        return int(value)
+    if min_value is not None and max_value is not None:
+        accepted = f'an int in [{min_value}, {max_value}]'
+    elif min_value is not None:
+        accepted = f'an int >= {min_value}'
+    elif max_value is not None:
+        accepted = f'an int <= {max_value}'
+    else:
+        accepted = 'an int'
+    raise ValueError(f'{name} must be {accepted}, got {value!r}')
+
+
 def check_positive_int(name, value):
-    """Raise ValueError unless ``value`` is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-            or value < 1:
+    """Return ``value``; raise ValueError unless it is an int >= 1 (a bool or
+    a float such as ``2.0`` is not an int)."""
+    if not _is_int(value) or value < 1:
         raise ValueError(f'{name} must be a positive int, got {value!r}')
+    return int(value)
+
+
+def check_real(name, value, low, high, low_open=True):
+    """Return ``value`` as a float; raise ValueError unless it is a real
+    number (not a bool) in (low, high] (or [low, high] if not low_open)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        above = value > low if low_open else value >= low
+        if above and value <= high:
+            return float(value)
+    interval = f'{"(" if low_open else "["}{low}, {high}]'
+    raise ValueError(f'{name} must be a number in {interval}, got {value!r}')
+
+
+def check_bool(name, value):
+    """Return ``value``; raise ValueError unless it is a bool (an int or a
+    string is not a flag)."""
+    if not isinstance(value, bool):
+        raise ValueError(f'{name} must be True or False, got {value!r}')
+    return value
 
 
 def check_choice(name, value, choices):
-    """Raise ValueError unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(
-            f'{name} must be one of {", ".join(map(repr, choices))}, '
-            f'got {value!r}')
+    """Return the matching choice; raise ValueError unless ``value`` is one of
+    ``choices`` with the same type (``2.0`` or ``True`` is not ``2``, ``'2'``
+    is not ``2``)."""
+    for choice in choices:
+        same_kind = isinstance(value, str) if isinstance(choice, str) \
+            else _is_int(value) if _is_int(choice) else type(value) is type(
+                choice)
+        if same_kind and value == choice:
+            return choice
+    raise ValueError(
+        f'{name} must be one of {", ".join(map(repr, choices))}, '
+        f'got {value!r}')
 
 
 def check_stage_flags(name, flags, num_stages):
-    """Raise ValueError unless ``flags`` is a bool per stage."""
-    if not isinstance(flags, (tuple, list)) or len(flags) != num_stages:
+    """Return ``flags`` as a tuple; raise ValueError unless it is a tuple or
+    list of ``num_stages`` bools (``1`` or ``'yes'`` is not a flag)."""
+    if not isinstance(flags, (tuple, list)) or len(flags) != num_stages \
+            or not all(isinstance(f, bool) for f in flags):
         raise ValueError(
             f'{name} must be a tuple of {num_stages} bools (one per stage), '
             f'got {flags!r}')
-    return tuple(bool(f) for f in flags)
+    return tuple(flags)
+
+
+def check_size(name, value):
+    """Return ``value`` as an (H, W) pair; raise ValueError unless it is a
+    positive int or a tuple / list of two positive ints."""
+    if _is_int(value):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or \
+            not all(_is_int(v) and v >= 1 for v in value):
+        raise ValueError(f'{name} must be a positive int or a pair (H, W) of '
+                         f'positive ints, got {value!r}')
+    return tuple(int(v) for v in value)
+
+
+def check_layer_cfg(name, cfg, optional=False):
+    """Raise ValueError unless ``cfg`` is a dict with a ``type`` key (or None
+    when ``optional``)."""
+    if cfg is None and optional:
+        return
+    if not isinstance(cfg, dict) or 'type' not in cfg:
+        accepted = 'None or ' if optional else ''
+        raise ValueError(f'{name} must be {accepted}a dict with a "type" key, '
+                         f'e.g. dict(type=\'BN\'), got {cfg!r}')
+
+
+def check_init_cfg(name, cfg):
+    """Raise ValueError unless ``cfg`` is None, a dict or a list of dicts."""
+    if cfg is None or isinstance(cfg, dict) or (
+            isinstance(cfg, list) and all(isinstance(c, dict) for c in cfg)):
+        return
+    raise ValueError(
+        f'{name} must be None, a dict or a list of dicts, got {cfg!r}')
+
+
+def check_cfg_keys(name, cfg, accepted, derived=()):
+    """Raise ValueError unless ``cfg`` is a dict whose keys are all in
+    ``accepted``; keys in ``derived`` are named as set by the caller."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f'{name} must be a dict, got {cfg!r}')
+    clash = sorted(set(cfg) & set(derived))
+    if clash:
+        raise ValueError(f'{name} must not set {clash}: the backbone derives '
+                         'them')
+    unknown = sorted(set(cfg) - set(accepted))
+    if unknown:
+        raise ValueError(f'{name} has unknown keys {unknown}; accepted keys: '
+                         f'{sorted(accepted)}')
 
 
 def normalize(norm, x):
@@ -54,3 +157,31 @@ def resample_to(x, size):
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.adaptive_avg_pool2d(x, size)
+
+
+def built_as_plugin(max_depth=4):
+    """Whether the module under construction is being built by mmcv's
+    ``build_plugin_layer``, i.e. as a stock ResNet plugin.
+
+    mmdet's and mmseg's ``Bottleneck.make_block_plugins`` build every entry
+    of ``plugins`` with ``build_plugin_layer(cfg, in_channels=...)``: the
+    plugin gets its config and ``in_channels``, never its ``position``. It
+    does not need it to know whether it can work there: at all three
+    positions (``after_conv1/2/3``) the block feeds the plugin's output to a
+    layer built for ``in_channels`` (conv2, conv3, the residual add), so a
+    stock plugin must keep its input's shape. A module whose output does not
+    (a concatenating SpatialBias) checks this at construction instead of
+    failing with a shape error in the first forward. The check compares code
+    objects of the few frames above the constructor (no name matching), so it
+    holds for every caller of ``build_plugin_layer``.
+    """
+    from mmcv.cnn import build_plugin_layer
+    code = build_plugin_layer.__code__
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+    return False

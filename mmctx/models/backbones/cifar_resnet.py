@@ -4,6 +4,7 @@ from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
 
+from ..utils import check_bool, check_int
 from .sb_resnet import SBResNet
 
 
@@ -37,11 +38,13 @@ class CifarResNet(SBResNet):
                  norm_eval=False,
                  deep_stem=False,
                  **kwargs):
-        if not isinstance(depth, int) or depth < 11 or (depth - 2) % 9:
+        if isinstance(depth, bool) or not isinstance(depth, int) \
+                or depth < 11 or (depth - 2) % 9:
             raise ValueError(
                 f'depth must be 9n + 2 with n >= 1 (11, 20, 38, 65, 110, '
                 f'...), got {depth!r}')
-        if deep_stem:
+        num_stages = check_int('num_stages', num_stages, 1, 4)
+        if check_bool('deep_stem', deep_stem):
             raise ValueError('deep_stem must be False for CifarResNet: its '
                              'stem is a single 3x3 conv')
         blocks = (depth - 2) // 9

@@ -1,17 +1,20 @@
 """What every mmctx ResNet shares: upstream mmdet ResNet plus argument checks,
 reference feature sizes for size-bound plugins, and loading a stock ResNet
 checkpoint so the network starts as the pretrained ResNet."""
+import inspect
 import math
 import os.path as osp
 
 import torch
+from mmcv.cnn.bricks.plugin import infer_abbr
 from mmdet.models.backbones.resnet import Bottleneck, ResNet
 from mmengine.logging import MMLogger
 from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import load_state_dict
-from torch.nn.modules.utils import _pair
 
-from ..utils import check_positive_int, check_stage_flags
+from ..utils import (check_bool, check_cfg_keys, check_choice,
+                     check_init_cfg, check_int, check_layer_cfg,
+                     check_positive_int, check_size, check_stage_flags)
 from .trainable_context import TrainableContextMixin
 
 # Prefixes under which stock checkpoints keep the backbone: mmdet / mmseg /
@@ -45,9 +48,9 @@ class ContextResNet(TrainableContextMixin, ResNet):
     }
 
     def __init__(self, depth, init_cfg=None, **kwargs):
-        if depth not in self.arch_settings:
-            raise ValueError(f'depth must be one of '
-                             f'{sorted(self.arch_settings)}, got {depth!r}')
+        self.check_depth(depth)
+        check_init_cfg('init_cfg', init_cfg)
+        check_resnet_args(self, depth, kwargs)
         if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
             checkpoint = init_cfg.get('checkpoint')
             if '://' in str(checkpoint):
@@ -59,6 +62,17 @@ class ContextResNet(TrainableContextMixin, ResNet):
                     f'init_cfg.checkpoint: no such file: {checkpoint!r}')
         super().__init__(depth, init_cfg=init_cfg, **kwargs)
 
+    def check_depth(self, depth, bottleneck=False, why=''):
+        """Raise ValueError naming ``depth`` and the accepted depths unless
+        ``depth`` is one of them (only bottleneck depths if ``bottleneck``:
+        plugins and context modules need Bottleneck blocks)."""
+        depths = sorted(d for d, (block, _) in self.arch_settings.items()
+                        if block is Bottleneck or not bottleneck)
+        if isinstance(depth, bool) or not isinstance(depth, int) \
+                or depth not in depths:
+            raise ValueError(f'depth must be one of {depths}{why}, '
+                             f'got {depth!r}')
+
     @staticmethod
     def stage_feature_sizes(input_size, strides, stem_stride=4):
         """(H, W) of each stage's output for an input of ``input_size``.
@@ -66,9 +80,7 @@ class ContextResNet(TrainableContextMixin, ResNet):
         Every strided layer of the ResNet (stem conv, max pool, stride-2
         convs, ceil-mode average pools) maps a side s to ceil(s / 2).
         """
-        height, width = _pair(input_size)
-        check_positive_int('reference_input_size', height)
-        check_positive_int('reference_input_size', width)
+        height, width = check_size('reference_input_size', input_size)
         sizes = []
         for stride in (stem_stride, *strides):
             for _ in range(int(math.log2(stride))):
@@ -87,18 +99,44 @@ class ContextResNet(TrainableContextMixin, ResNet):
                  position=position) for i in range(num_stages) if flags[i]
         ]
 
-    @classmethod
-    def size_bound_plugins(cls, plugin_type, name, plugin_cfg, flags_name,
-                           flags, reference_input_size, resnet_kwargs):
+    def size_bound_plugins(self, plugin_type, name, plugin_cfg, flags_name,
+                           flags, reference_input_size, depth, resnet_kwargs):
         """Checked ``after_conv3`` plugins of a module whose weights depend
-        on the feature size (GE, PSI), one per stage in ``flags``."""
-        check_plugin_cfg(name, plugin_cfg, ('feature_size', 'in_channels'))
-        flags = check_stage_flags(flags_name, flags,
-                                  resnet_kwargs.get('num_stages', 4))
-        sizes = cls.stage_feature_sizes(
-            reference_input_size, resnet_kwargs.get('strides', (1, 2, 2, 2)))
-        return cls.per_stage_plugins(
+        on the feature size (GE, PSI), one per stage in ``flags``.
+
+        ``plugin_cfg`` is checked for unknown and derived keys and its values
+        by building the module once (for the first stage that has it), so a
+        bad value fails here, by name, even if no stage uses the module.
+        """
+        module = MODELS.get(plugin_type)
+        self.check_depth(depth, bottleneck=True,
+                         why=f' ({plugin_type} needs bottleneck blocks)')
+        check_plugin_cfg(name, plugin_cfg, ('feature_size', 'in_channels'),
+                         module)
+        num_stages = resnet_kwargs.get('num_stages', 4)
+        check_int('num_stages', num_stages, 1, 4)
+        flags = check_stage_flags(flags_name, flags, num_stages)
+        strides = resnet_kwargs.get('strides', (1, 2, 2, 2))
+        check_int_tuple('strides', strides, num_stages)
+        sizes = self.stage_feature_sizes(reference_input_size, strides)
+        first = flags.index(True) if any(flags) else 0
+        base = resnet_kwargs.get('base_channels', 64)
+        check_positive_int('base_channels', base)
+        try:
+            module(in_channels=base * 2**first * Bottleneck.expansion,
+                   feature_size=sizes[first], **plugin_cfg)
+        except ValueError as error:
+            raise ValueError(f'{name}: {error}') from None
+        self.own_plugin_labels = [
+            f'{name} (stage {i + 1})' for i in range(num_stages) if flags[i]
+        ]
+        return self.per_stage_plugins(
             dict(type=plugin_type, **plugin_cfg), flags, sizes, 'after_conv3')
+
+    def reserved_block_names(self, stage):
+        """Attribute names the backbone's own modules take in the blocks of
+        ``stage`` (0-based), which a plugin must not take."""
+        return ()
 
     def stage_of(self, planes):
         """Stage index of a res layer, from its width (planes = base * 2^i)."""
@@ -177,11 +215,143 @@ def read_backbone_state(path):
     return state
 
 
-def check_plugin_cfg(name, cfg, derived):
-    """Reject keys of a per-stage plugin config that the backbone sets."""
-    if not isinstance(cfg, dict):
-        raise ValueError(f'{name} must be a dict, got {cfg!r}')
-    clash = sorted(set(cfg) & set(derived))
-    if clash:
-        raise ValueError(f'{name} must not set {clash}: the backbone derives '
-                         'them (set reference_input_size instead)')
+def check_plugin_cfg(name, cfg, derived, module):
+    """Reject a per-stage module config (``sb``, ``ge``, ``psi``) that is no
+    dict, sets keys the backbone derives or keys ``module`` does not take."""
+    accepted = [
+        arg for arg in inspect.signature(module.__init__).parameters
+        if arg not in ('self', 'args', 'kwargs') and arg not in derived
+    ]
+    if isinstance(cfg, dict) and 'feature_size' in cfg \
+            and 'feature_size' in derived:
+        raise ValueError(f'{name} must not set feature_size: the backbone '
+                         'derives it per stage (set reference_input_size '
+                         'instead)')
+    check_cfg_keys(name, cfg, accepted, derived)
+
+
+def check_int_tuple(name, value, length):
+    """Raise ValueError unless ``value`` is a tuple / list of ``length``
+    positive ints."""
+    if not isinstance(value, (tuple, list)) or len(value) != length or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                    for v in value):
+        raise ValueError(f'{name} must be a tuple of {length} positive ints '
+                         f'(one per stage), got {value!r}')
+
+
+PLUGIN_POSITIONS = ('after_conv1', 'after_conv2', 'after_conv3')
+
+
+def _plugin_class(type_):
+    if inspect.isclass(type_):
+        return type_
+    # As mmcv's build_plugin_layer looks it up.
+    with MODELS.switch_scope_and_registry(None) as registry:
+        return registry.get(type_)
+
+
+def check_plugins(plugins, num_stages, reserved=lambda stage: (),
+                  own_labels=()):
+    """Check upstream ResNet's ``plugins`` (None or a list of dicts with
+    ``cfg``, ``position`` and optional ``stages``), and that no two plugins
+    of a stage get the same attribute name (upstream: a bare assertion).
+    The first entries may be the backbone's own, named by ``own_labels``."""
+    if plugins is None:
+        return
+    if not isinstance(plugins, (list, tuple)):
+        raise ValueError(f'plugins must be None or a list of dicts, got '
+                         f'{plugins!r}')
+    labels = list(own_labels) + [
+        f'plugins[{i}]' for i in range(len(plugins) - len(own_labels))
+    ]
+    names = [dict() for _ in range(num_stages)]
+    for where, plugin in zip(labels, plugins):
+        check_cfg_keys(where, plugin, ('cfg', 'position', 'stages'))
+        for key in ('cfg', 'position'):
+            if key not in plugin:
+                raise ValueError(f'{where} needs a {key!r} key')
+        check_layer_cfg(f'{where}.cfg', plugin['cfg'])
+        check_choice(f'{where}.position', plugin['position'],
+                     PLUGIN_POSITIONS)
+        stages = plugin.get('stages')
+        if stages is not None:
+            stages = check_stage_flags(f'{where}.stages', stages, num_stages)
+        cls = _plugin_class(plugin['cfg']['type'])
+        if cls is None:
+            raise ValueError(
+                f'{where}.cfg.type {plugin["cfg"]["type"]!r} is not a '
+                'registered module (missing custom_imports?)')
+        name = infer_abbr(cls) + str(plugin['cfg'].get('postfix', ''))
+        for stage in range(num_stages):
+            if stages is not None and not stages[stage]:
+                continue
+            other = names[stage].get(name)
+            if other is not None or name in reserved(stage):
+                clash = f'{other}' if other is not None else \
+                    'the block\'s own module'
+                raise ValueError(
+                    f'{where}: a second module named {name!r} in stage '
+                    f'{stage + 1} (first: {clash}); give one of them a '
+                    "distinct cfg postfix, e.g. postfix='_2'")
+            names[stage][name] = where
+
+
+def check_resnet_args(backbone, depth, kwargs):
+    """Check upstream ResNet's arguments by name (upstream asserts, or
+    accepts and ignores, most of them)."""
+    params = inspect.signature(ResNet.__init__).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        accepted = {
+            arg
+            for cls in type(backbone).__mro__ if '__init__' in vars(cls)
+            and issubclass(cls, ResNet)
+            for arg in inspect.signature(cls.__init__).parameters
+        }
+        accepted = sorted(accepted - {'self', 'kwargs'})
+        raise ValueError(f'{type(backbone).__name__} got unknown arguments '
+                         f'{unknown}; accepted: {accepted}')
+    args = {k: p.default for k, p in params.items() if k != 'self'}
+    args.update(kwargs, depth=depth)
+    num_stages = check_int('num_stages', args['num_stages'], 1, 4)
+    check_positive_int('in_channels', args['in_channels'])
+    if args['stem_channels'] is not None:
+        check_positive_int('stem_channels', args['stem_channels'])
+    check_positive_int('base_channels', args['base_channels'])
+    check_int_tuple('strides', args['strides'], num_stages)
+    check_int_tuple('dilations', args['dilations'], num_stages)
+    out_indices = args['out_indices']
+    if not isinstance(out_indices, (tuple, list)) or not out_indices or \
+            not all(isinstance(i, int) and not isinstance(i, bool)
+                    and 0 <= i < num_stages for i in out_indices):
+        raise ValueError(
+            f'out_indices must be a non-empty tuple of stage indices in '
+            f'[0, {num_stages - 1}], got {out_indices!r}')
+    check_choice('style', args['style'], ('pytorch', 'caffe'))
+    for flag in ('deep_stem', 'avg_down', 'norm_eval', 'with_cp',
+                 'zero_init_residual'):
+        check_bool(flag, args[flag])
+    check_int('frozen_stages', args['frozen_stages'], -1, num_stages)
+    check_layer_cfg('conv_cfg', args['conv_cfg'], optional=True)
+    check_layer_cfg('norm_cfg', args['norm_cfg'])
+    check_layer_cfg('dcn', args['dcn'], optional=True)
+    if args['dcn'] is not None:
+        check_stage_flags('stage_with_dcn', args['stage_with_dcn'],
+                          num_stages)
+    elif not isinstance(args['stage_with_dcn'], (tuple, list)) or any(
+            flag is not False for flag in args['stage_with_dcn']):
+        raise ValueError('stage_with_dcn must be all False when dcn is None '
+                         f'(no stage can have DCN), got '
+                         f'{args["stage_with_dcn"]!r}')
+    if args['pretrained'] is not None:
+        raise ValueError(
+            'pretrained is deprecated upstream and not supported: use '
+            "init_cfg=dict(type='Pretrained', checkpoint=PATH), got "
+            f'{args["pretrained"]!r}')
+    plugins = args['plugins']
+    if plugins and backbone.arch_settings[depth][0] is not Bottleneck:
+        backbone.check_depth(depth, bottleneck=True,
+                             why=' (plugins need bottleneck blocks)')
+    check_plugins(plugins, num_stages, backbone.reserved_block_names,
+                  getattr(backbone, 'own_plugin_labels', ()))

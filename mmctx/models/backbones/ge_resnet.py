@@ -35,7 +35,10 @@ class GEResNet(ContextResNet):
                  reference_input_size=224,
                  plugins=None,
                  **kwargs):
-        plugins = self.size_bound_plugins(
+        own = self.size_bound_plugins(
             'GatherExcite', 'ge', ge, 'stage_with_ge',
-            stage_with_ge, reference_input_size, kwargs) + list(plugins or [])
-        super().__init__(depth, plugins=plugins, **kwargs)
+            stage_with_ge, reference_input_size, depth, kwargs)
+        if plugins is not None and not isinstance(plugins, (list, tuple)):
+            raise ValueError(
+                f'plugins must be None or a list of dicts, got {plugins!r}')
+        super().__init__(depth, plugins=own + list(plugins or []), **kwargs)

@@ -6,8 +6,9 @@ from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
 
 from ..spatial_bias import SpatialBias
-from ..utils import check_stage_flags
-from .context_resnet import ContextResNet
+from ..utils import (check_choice, check_int, check_positive_int,
+                     check_stage_flags)
+from .context_resnet import ContextResNet, check_plugin_cfg, check_plugins
 from .pretrained_slices import (editable_pretrained_slices,
                                 split_pretrained_slices)
 
@@ -30,6 +31,13 @@ class SBBottleneck(Bottleneck):
     """
 
     def __init__(self, inplanes, planes, sb, **kwargs):
+        check_positive_int('inplanes', inplanes)
+        check_positive_int('planes', planes)
+        check_plugin_cfg('sb', sb, ('in_channels', ), SpatialBias)
+        check_choice('style', kwargs.get('style', 'pytorch'),
+                     ('pytorch', 'caffe'))
+        check_plugins(kwargs.get('plugins'), 1,
+                      lambda stage: ('spatial_bias', ))
         super().__init__(inplanes, planes, **kwargs)
         self.spatial_bias = SpatialBias(
             planes, **dict(dict(norm_cfg=self.norm_cfg), **sb))
@@ -131,18 +139,33 @@ class SBResNet(ContextResNet):
                  sb=dict(num_bias=3, pool_size=10),
                  stage_with_sb=(True, True, True, False),
                  **kwargs):
-        flags = check_stage_flags('stage_with_sb', stage_with_sb,
-                                  kwargs.get('num_stages', 4))
-        if sb is not None and not isinstance(sb, dict):
-            raise ValueError(f'sb must be a dict or None, got {sb!r}')
-        if sb is not None and self.arch_settings.get(depth, (None, ))[0] \
-                is not Bottleneck:
-            raise ValueError(
-                f'depth must be a bottleneck depth for SB (50, 101, 152, '
-                f'...), got {depth!r}')
+        num_stages = check_int('num_stages', kwargs.get('num_stages', 4), 1,
+                               4)
+        if sb is not None:
+            self.check_depth(depth, bottleneck=True,
+                             why=' (SB needs bottleneck blocks; sb=None '
+                             'builds the plain ResNet)')
+            if not isinstance(sb, dict):
+                raise ValueError(f'sb must be a dict or None, got {sb!r}')
+            check_plugin_cfg('sb', sb, ('in_channels', ), SpatialBias)
+        flags = check_stage_flags('stage_with_sb', stage_with_sb, num_stages)
+        if sb is not None:
+            # Check the values once, also when no stage takes SB.
+            first = flags.index(True) if True in flags else 0
+            base = kwargs.get('base_channels', 64)
+            check_positive_int('base_channels', base)
+            try:
+                SpatialBias(base * 2**first, **sb)
+            except ValueError as error:
+                raise ValueError(f'sb: {error}') from None
         self.sb = None if sb is None else dict(sb)
         self.stage_with_sb = flags
         super().__init__(depth, **kwargs)
+
+    def reserved_block_names(self, stage):
+        if self.sb is not None and self.stage_with_sb[stage]:
+            return ('spatial_bias', )
+        return ()
 
     def make_res_layer(self, **kwargs):
         if self.sb is not None and \
