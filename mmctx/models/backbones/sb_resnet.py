@@ -24,6 +24,10 @@ class SBBottleneck(Bottleneck):
     zero, and a plain ResNet checkpoint loads into them zero-padded, so the
     block starts as exactly the plain block.
 
+    In a frozen stage of an mmctx backbone only the pretrained part of the
+    widened bn2 and conv3 is frozen: their entries of the bias channels keep
+    training (:meth:`separate_pretrained_slices`), as the SB branch does.
+
     Args:
         sb (dict): Arguments of :class:`mmctx.models.SpatialBias` other than
             ``in_channels`` (e.g. ``num_bias``, ``pool_size``).

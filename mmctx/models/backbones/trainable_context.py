@@ -109,7 +109,7 @@ class TrainableContextMixin:
 def _update_running_stats(norm, inputs):
     """Forward pre-hook of the BNs in context modules: under ``norm_eval``
     (eval mode while the backbone trains) update the running statistics from
-    the batch, as training mode would, before normalising with them."""
+    the batch before normalising with them."""
     if norm.training or not norm.updates_stats_in_eval \
             or norm.running_mean is None:
         return
@@ -120,7 +120,11 @@ def _update_running_stats(norm, inputs):
         dims = [d for d in range(x.dim()) if d != 1]
         var, mean = torch.var_mean(x.float(), dims, correction=1)
         norm.num_batches_tracked += 1
-        momentum = norm.momentum if norm.momentum is not None \
-            else 1.0 / float(norm.num_batches_tracked)
+        # The first batches replace the defaults (mean 0, variance 1, no
+        # information) by their average, then the usual moving average
+        # takes over; statistics learnt before (a context-pretrained
+        # checkpoint: num_batches_tracked is large) are blended as usual.
+        momentum = max(norm.momentum or 0.0,
+                       1.0 / float(norm.num_batches_tracked))
         norm.running_mean.lerp_(mean.to(norm.running_mean), momentum)
         norm.running_var.lerp_(var.to(norm.running_var), momentum)
