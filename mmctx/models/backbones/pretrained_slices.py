@@ -11,6 +11,12 @@ the layer computes with the whole tensor, composed before each forward (as a
 plain attribute ``<name>``, like ``torch.nn.utils.prune`` does), the state
 dict keeps the whole tensor under ``<name>``, and the parameter count is the
 same. Only split layers pay for the composition (one small concatenation).
+
+The whole tensors in ``state_dict()`` are copies, not views of the
+parameters: code that writes into ``state_dict()`` values in place (e.g. an
+EMA model with ``update_buffers=True``) does not reach the split ones;
+``load_state_dict`` and parameter-wise code (optimizers, EMA over
+``named_parameters``) do.
 """
 from collections import namedtuple
 from contextlib import contextmanager
