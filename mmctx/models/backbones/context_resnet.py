@@ -38,7 +38,10 @@ class ContextResNet(TrainableContextMixin, ResNet):
       matching tensor is loaded, the rest are reported by name, and the new
       context parameters start so the network equals the plain ResNet where
       the design allows (see :meth:`init_weights`). A missing file is a
-      FileNotFoundError at construction.
+      FileNotFoundError at construction;
+    - ``frozen_stages`` / ``norm_eval`` that freeze the pretrained tensors
+      only: the context modules keep training and their norms learn their
+      statistics (see :class:`TrainableContextMixin`).
     """
 
     arch_settings = {
