@@ -1,6 +1,6 @@
 """tools/train.py stops after N iterations with a checkpoint; --resume
 continues at iteration N+1 with the saved optimizer state, loading the
-checkpoint with torch.load's weights_only=True (mmctx's allowlist)."""
+checkpoint with torch.load's weights_only=True (mmctx's scoped allowlist)."""
 import json
 import subprocess
 import sys
@@ -34,9 +34,13 @@ def test_resume_continues_with_saved_state(run, repo_root, tiny_det_config,
     out = subprocess.run([sys.executable, '-c', code], capture_output=True,
                          text=True, check=True).stdout
     assert 'REFUSED UnpicklingError' in out
-    # ... and loads with the default (weights_only=True) once mmctx is in
-    import mmctx  # noqa: F401
-    saved = torch.load(str(ckpt), map_location='cpu')
+    # ... and still does after importing mmctx (its allowlist is scoped to
+    # checkpoint loads), while mmctx's weights-only loader reads it
+    out = subprocess.run([sys.executable, '-c', 'import mmctx\n' + code],
+                         capture_output=True, text=True, check=True).stdout
+    assert 'REFUSED UnpicklingError' in out
+    from mmctx.compat import load_checkpoint_file
+    saved = load_checkpoint_file(ckpt)
     assert saved['meta']['iter'] == N
     assert 'HistoryBuffer' in str(type(
         next(iter(saved['message_hub']['log_scalars'].values()))))

@@ -98,34 +98,43 @@ def test_mmctx_does_not_import_torchvision():
     assert out.strip().splitlines()[-1] == 'False'
 
 
-def test_weights_only_allowlist_and_default_untouched(tmp_path):
+def test_weights_only_allowlist_is_scoped_and_default_untouched(tmp_path):
+    """mmctx adds nothing to torch's process-wide allowlist: its stand-ins
+    are in force only inside its own and mmengine's checkpoint loads."""
     import numpy as np
     from mmengine.logging.history_buffer import HistoryBuffer
 
     import mmctx.compat as compat
-    safe = torch.serialization.get_safe_globals()
-    flat = [g[0] if isinstance(g, tuple) else g for g in safe]
-    assert HistoryBuffer in flat
-    assert np.ndarray in flat and np.dtype in flat
+    before = torch.serialization.get_safe_globals()
+    flat = [g[0] if isinstance(g, tuple) else g for g in before]
+    for real in (HistoryBuffer, np.ndarray, np.dtype, getattr):
+        assert real not in flat
+    names = [name for _, name in compat.mmengine_checkpoint_globals()]
+    assert 'mmengine.logging.history_buffer.HistoryBuffer' in names
+    assert 'builtins.getattr' in names
 
     # the default stays weights_only=True and torch.load is torch's own
     assert torch.load.__module__ == 'torch.serialization'
     assert torch.serialization._default_to_weights_only(None) is True
     assert not os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD')
 
-    # mmengine-style content loads with the default (weights_only=True) ...
     buf = HistoryBuffer()
     buf.update(np.float64(1.5))
     buf.update(2.0)
     path = tmp_path / 'hub.pth'
     torch.save({'hub': buf, 'arr': np.arange(3, dtype=np.int64),
                 'scalar': np.float32(0.5)}, path)
-    obj = torch.load(path)
-    assert obj['hub'].mean() == pytest.approx(1.75)
-    # ... while arbitrary objects are still refused
-    torch.save({'x': compat._PATCH_FLAG, 'obj': _Unsafe()}, path)
+    # a user's own torch.load keeps torch's defaults ...
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path)
+    # ... mmctx's loader reads mmengine content
+    obj = compat.load_checkpoint_file(path)
+    assert obj['hub'].mean() == pytest.approx(1.75)
+    assert torch.serialization.get_safe_globals() == before
+    # ... while arbitrary objects are still refused
+    torch.save({'obj': _Unsafe()}, path)
+    with pytest.raises(compat.CheckpointError, match='refused'):
+        compat.load_checkpoint_file(path)
 
 
 class _Unsafe:
@@ -137,21 +146,29 @@ def test_compat_idempotent_and_cpu_only():
     from mmengine.model.wrappers import MMDistributedDataParallel
     from mmengine.runner import Runner
 
+    from mmengine.runner.checkpoint import CheckpointLoader
+
     import mmctx.compat as compat
-    before = (dist_utils._init_dist_pytorch,
-              MMDistributedDataParallel.__init__, Runner.wrap_model)
+    from mmctx.compat.cpu_distributed import _PATCH_FLAG
+
+    def patched():
+        return (dist_utils._init_dist_pytorch,
+                MMDistributedDataParallel.__init__, Runner.wrap_model,
+                Runner.load_or_resume,
+                CheckpointLoader.__dict__['load_checkpoint'].__func__)
+
+    before = patched()
     compat.apply()
     compat.patch_cpu_distributed()
-    compat.allow_mmengine_checkpoint_globals()
-    after = (dist_utils._init_dist_pytorch,
-             MMDistributedDataParallel.__init__, Runner.wrap_model)
+    compat.patch_mmengine_loading()
+    after = patched()
     assert before == after
     if not torch.cuda.is_available():
-        for fn in after:
-            assert getattr(fn, compat._PATCH_FLAG, False)
+        for fn in after[:3]:
+            assert getattr(fn, _PATCH_FLAG, False)
         # a patched function wraps the original only once
         assert not getattr(dist_utils._init_dist_pytorch.__wrapped__,
-                           compat._PATCH_FLAG, False)
+                           _PATCH_FLAG, False)
 
 
 # --- tools/setup_helpers.py: the CUDA set-up decisions, without a GPU --------

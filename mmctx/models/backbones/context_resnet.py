@@ -12,6 +12,7 @@ from mmengine.logging import MMLogger
 from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import load_state_dict
 
+from ...compat.checkpoint import load_checkpoint_file
 from ..utils import (check_bool, check_cfg_keys, check_choice,
                      check_init_cfg, check_int, check_layer_cfg,
                      check_positive_int, check_size, check_stage_flags)
@@ -203,7 +204,7 @@ def read_backbone_state(path):
     layout: a bare state dict (torchvision), or one under ``state_dict`` /
     ``model``, possibly with ``backbone.`` and ``module.`` prefixes (mmdet,
     mmseg, mmpretrain, DDP)."""
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    checkpoint = load_checkpoint_file(path)
     for key in ('state_dict', 'model'):
         if isinstance(checkpoint, dict) and key in checkpoint:
             checkpoint = checkpoint[key]
