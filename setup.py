@@ -37,6 +37,10 @@ setup(
         'ftfy',  # imported by mmsegmentation but not declared by it
         'regex',  # idem
         'pycocotools',
+        # mmdet's analyze_logs.py plot_curve / tools/analysis/analyze_logs.py
+        'matplotlib',
+        'seaborn>=0.12',
+        'tensorboard>=2.14',  # mmengine's TensorboardVisBackend
     ],
     extras_require={'tests': ['pytest']},
     license='Apache License 2.0',

@@ -4,6 +4,7 @@ config; the registry scope comes from the config's ``default_scope``.
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE.pkl]
         [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]
+        [--show] [--show-dir DIR] [--wait-time SECONDS]
 """
 import argparse
 import os
@@ -16,6 +17,9 @@ import mmctx  # noqa: E402,F401  (registers modules, applies mmctx.compat)
 from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
+
+from mmctx.show_results import (NoDisplayError, check_display,  # noqa: E402
+                                trigger_visualization_hook)
 
 
 def parse_args():
@@ -30,6 +34,16 @@ def parse_args():
         type=str,
         help='dump predictions to a pickle file (.pkl) for offline '
         'evaluation')
+    parser.add_argument(
+        '--show', action='store_true',
+        help='show the drawn predictions in a window (needs a display)')
+    parser.add_argument(
+        '--show-dir',
+        help='write the drawn predictions of every test image to this '
+        'directory (relative to the current directory)')
+    parser.add_argument(
+        '--wait-time', type=float, default=2,
+        help='with --show: seconds each image is shown (0: until a key)')
     parser.add_argument(
         '--cfg-options',
         nargs='+',
@@ -47,6 +61,11 @@ def parse_args():
         help='job launcher')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args()
+    if args.show:
+        try:
+            check_display()
+        except NoDisplayError as e:
+            parser.error(str(e))
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
@@ -75,6 +94,10 @@ def main():
                                 osp.splitext(osp.basename(args.config))[0])
 
     cfg.load_from = args.checkpoint
+
+    if args.show or args.show_dir:
+        trigger_visualization_hook(cfg, args.show, args.show_dir,
+                                   args.wait_time)
 
     if args.out is not None:
         assert args.out.endswith(('.pkl', '.pickle')), \
