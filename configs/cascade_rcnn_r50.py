@@ -13,9 +13,12 @@
 #   tools/dist_train.sh configs/cascade_rcnn_r50.py 8 --auto-scale-lr
 #
 # Overrides (see README.md (Configs)):
-# - `pretrained`: a LOCAL ImageNet ResNet-50 checkpoint (torchvision, mmdet or
-#   mmpretrain layout; nothing is downloaded, a missing file is an error when
-#   the model is built). Edit it here or pass
+# - `pretrained`: the ImageNet ResNet-50 to start from; like upstream,
+#   torchvision's weights by name (downloaded once into torch's hub cache
+#   when training starts; building, testing and inference never read it).
+#   Any local path (`~` allowed), http(s) URL, `torchvision://NAME` or
+#   `open-mmlab://NAME` works (torchvision, mmdet or mmpretrain layout).
+#   Offline: pass
 #   `--cfg-options model.backbone.init_cfg.checkpoint=/path/to/resnet50.pth`
 #   (`pretrained=...` on the command line would not reach the backbone: config
 #   variables are substituted when this file is read). From scratch:
@@ -28,7 +31,7 @@ _base_ = 'mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmctx'], allow_failed_imports=False)
 
 data_root = 'data/coco/'
-pretrained = 'checkpoints/resnet50.pth'
+pretrained = 'torchvision://resnet50'
 
 model = dict(
     backbone=dict(
@@ -41,7 +44,6 @@ model = dict(
         norm_cfg=dict(type='BN', requires_grad=True),
         norm_eval=True,
         style='pytorch',
-        # replaces upstream's `torchvision://resnet50` (no downloads)
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
 
 # 2 GPUs x 8 images (paper); lr 0.02 is for base_batch_size = 16 images.

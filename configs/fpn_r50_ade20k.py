@@ -14,14 +14,15 @@
 # image test) is upstream mmseg's sem_fpn config.
 #
 # Backbone: like upstream mmseg (ResNetV1c) a deep 3x3 stem (`deep_stem=True`),
-# so `pretrained` must be a V1c ResNet-50 checkpoint (e.g. a local copy of
-# open-mmlab's resnet50_v1c / mmpretrain's resnetv1c50_8xb32_in1k). For a
+# so `pretrained` must be a V1c ResNet-50 checkpoint (open-mmlab's
+# resnet50_v1c, as upstream, or mmpretrain's resnetv1c50_8xb32_in1k). For a
 # standard-stem checkpoint (torchvision, or our configs/imagenet_*_r50_*.py)
 # add `--cfg-options model.backbone.deep_stem=False`.
 #
 # Overrides (see README.md (Configs)):
-# - `pretrained`: LOCAL checkpoint, nothing is downloaded; a missing file is an
-#   error when the model is built. Edit it here or pass
+# - `pretrained`: like upstream, open-mmlab's resnet50_v1c by name
+#   (downloaded once into torch's hub cache when training starts; building,
+#   testing and inference never read it). Offline, pass
 #   `--cfg-options model.backbone.init_cfg.checkpoint=/path/to/ckpt.pth`
 #   (or `model.backbone.init_cfg=None` to train from scratch).
 # - `data_root`: ADEChallengeData2016 (images/{training,validation},
@@ -32,12 +33,11 @@ _base_ = 'mmseg::sem_fpn/fpn_r50_4xb4-160k_ade20k-512x512.py'
 custom_imports = dict(imports=['mmctx'], allow_failed_imports=False)
 
 data_root = 'data/ade/ADEChallengeData2016'
-pretrained = 'checkpoints/resnet50_v1c.pth'
+pretrained = 'open-mmlab://resnet50_v1c'
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 
 model = dict(
-    # upstream's `pretrained='open-mmlab://resnet50_v1c'` (a download) is
-    # replaced by the backbone's init_cfg below
+    # upstream's model-level `pretrained` moves to the backbone's init_cfg
     pretrained=None,
     backbone=dict(
         _delete_=True,

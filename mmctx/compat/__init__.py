@@ -15,14 +15,16 @@ stock mmdet/mmseg/mmpretrain tools through ``custom_imports`` (the config is
 parsed, and mmctx imported, before the Runner initialises distributed
 training or loads a checkpoint). Every fix is idempotent.
 """
-from .checkpoint import (CheckpointError, load_checkpoint_file,
-                         mmengine_checkpoint_globals, patch_mmengine_loading)
+from .checkpoint import (CheckpointError, CheckpointNotFoundError,
+                         load_checkpoint_file, mmengine_checkpoint_globals,
+                         patch_mmengine_loading, torchvision_model_urls)
 from .cpu_distributed import patch_cpu_distributed
 from .mmpretrain_without_torchvision import (
     TORCHVISION_USERS, allow_mmpretrain_without_torchvision)
 
 __all__ = [
-    'apply', 'CheckpointError', 'load_checkpoint_file',
+    'apply', 'CheckpointError', 'CheckpointNotFoundError',
+    'load_checkpoint_file', 'torchvision_model_urls',
     'mmengine_checkpoint_globals', 'patch_mmengine_loading',
     'patch_cpu_distributed', 'allow_mmpretrain_without_torchvision',
     'TORCHVISION_USERS'

@@ -52,25 +52,32 @@ The allowlist is scoped: it is in force only inside mmengine's
 ``CheckpointLoader.load_checkpoint`` (every resume, ``load_from``,
 ``init_cfg`` Pretrained and test-time load goes through it) and
 :func:`load_checkpoint_file`; a user's own ``torch.load`` keeps torch's
-defaults. Local files are read with an explicit ``weights_only=True``, which
-``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn off. Every failure raises
-:class:`CheckpointError` naming the file and saying whether it is missing,
-damaged (empty, truncated, not a checkpoint) or refused (unsafe content).
+defaults. Every file is read with an explicit ``weights_only=True``, which
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn off: local ones, and
+``http(s)://`` / ``torchvision://`` / ``open-mmlab://`` ones, which are
+downloaded once into torch's hub cache first (``torchvision://`` names are
+resolved from the URL table mmengine ships, without importing torchvision).
+Every failure raises :class:`CheckpointError` naming the file and saying
+whether it is missing, damaged (empty, truncated, not a checkpoint), refused
+(unsafe content) or could not be downloaded.
 """
 import contextlib
 import functools
+import json
 import math
 import os
 import os.path as osp
 import pickle
 import threading
 import zipfile
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
 __all__ = [
-    'CheckpointError', 'CheckpointNotFoundError', 'load_checkpoint_file', 'mmengine_checkpoint_globals',
+    'CheckpointError', 'CheckpointNotFoundError', 'load_checkpoint_file',
+    'torchvision_model_urls', 'mmengine_checkpoint_globals',
     'patch_mmengine_loading', 'warn_if_nothing_to_resume'
 ]
 
@@ -453,6 +460,59 @@ def _load_from_local(filename, map_location):
     return load_checkpoint_file(filename, map_location)
 
 
+def torchvision_model_urls():
+    """``torchvision://NAME`` -> published URL, from the table mmengine ships
+    (mmengine's own resolver imports torchvision, which may not exist)."""
+    import mmengine
+    table = osp.join(osp.dirname(mmengine.__file__), 'hub',
+                     'torchvision_0.12.json')
+    with open(table) as f:
+        return json.load(f)
+
+
+def _download_once(url, model_dir=None, progress=False):
+    """The cached copy of ``url`` in torch's hub cache (``$TORCH_HOME/hub/
+    checkpoints``), downloaded on local rank 0 first if it is not there."""
+    from mmengine.dist import get_dist_info
+    model_dir = model_dir or osp.join(torch.hub.get_dir(), 'checkpoints')
+    cached = osp.join(model_dir, osp.basename(urlparse(url).path))
+    rank, world_size = get_dist_info()
+    if rank == 0 and not osp.isfile(cached):
+        os.makedirs(model_dir, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, cached, progress=progress)
+        except (OSError, ValueError) as err:  # URLError is an OSError
+            raise CheckpointError(
+                f'could not download checkpoint {url!r}: {err}. Without '
+                'network access, fetch the file elsewhere and give the '
+                "local path: init_cfg=dict(type='Pretrained', checkpoint="
+                f"'/path/to/{osp.basename(cached)}') (e.g. --cfg-options "
+                'model.backbone.init_cfg.checkpoint=PATH), or put it at '
+                f'{cached!r}') from err
+    if world_size > 1:
+        torch.distributed.barrier()
+    return cached
+
+
+def _load_from_http(filename, map_location=None, model_dir=None,
+                    progress=False):
+    """mmengine's http(s) scheme: download once into torch's hub cache, then
+    the weights-only load of the cached file."""
+    return load_checkpoint_file(
+        _download_once(filename, model_dir, progress), map_location)
+
+
+def _load_from_torchvision(filename, map_location=None):
+    """``torchvision://NAME`` without importing torchvision."""
+    name = filename[len('torchvision://'):]
+    urls = torchvision_model_urls()
+    if name not in urls:
+        raise CheckpointError(
+            f'checkpoint {filename!r}: unknown torchvision model {name!r} '
+            f'(known: {", ".join(sorted(urls))})')
+    return _load_from_http(urls[name], map_location)
+
+
 def warn_if_nothing_to_resume(runner):
     """``--resume`` without a checkpoint path resumes from the work dir's
     ``last_checkpoint``; with none there, mmengine silently trains from
@@ -472,6 +532,7 @@ def warn_if_nothing_to_resume(runner):
 def patch_mmengine_loading() -> bool:
     """Route every mmengine checkpoint load through the scoped allowlist and
     the file-naming errors; warn on an empty ``--resume``. Idempotent."""
+    import mmengine.runner.checkpoint as mmengine_checkpoint
     from mmengine.runner import Runner
     from mmengine.runner.checkpoint import CheckpointLoader
 
@@ -489,6 +550,12 @@ def patch_mmengine_loading() -> bool:
     CheckpointLoader.load_checkpoint = classmethod(load_checkpoint)
     CheckpointLoader.register_scheme(prefixes='', force=True)(
         _load_from_local)
+    CheckpointLoader.register_scheme(
+        prefixes=('http://', 'https://'), force=True)(_load_from_http)
+    CheckpointLoader.register_scheme(
+        prefixes='torchvision://', force=True)(_load_from_torchvision)
+    # open-mmlab:// and mmcls:// resolve their names, then call this
+    mmengine_checkpoint.load_from_http = _load_from_http
 
     load_or_resume = Runner.load_or_resume
 

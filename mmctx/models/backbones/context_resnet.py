@@ -3,16 +3,15 @@ reference feature sizes for size-bound plugins, and loading a stock ResNet
 checkpoint so the network starts as the pretrained ResNet."""
 import inspect
 import math
-import os.path as osp
 
 import torch
 from mmcv.cnn.bricks.plugin import infer_abbr
 from mmdet.models.backbones.resnet import Bottleneck, ResNet
 from mmengine.logging import MMLogger
 from mmengine.registry import MODELS
-from mmengine.runner.checkpoint import load_state_dict
+from mmengine.runner.checkpoint import CheckpointLoader, load_state_dict
 
-from ...compat.checkpoint import load_checkpoint_file
+from ...compat.checkpoint import CheckpointError
 from ..utils import (check_bool, check_cfg_keys, check_choice,
                      check_init_cfg, check_int, check_layer_cfg,
                      check_positive_int, check_size, check_stage_flags)
@@ -51,19 +50,22 @@ class ContextResNet(TrainableContextMixin, ResNet):
         26: (Bottleneck, (2, 2, 2, 2)),
     }
 
-    def __init__(self, depth, init_cfg=None, **kwargs):
+    def __init__(self, depth, init_cfg=None, pretrained=None, **kwargs):
         self.check_depth(depth)
+        if pretrained is not None:
+            # upstream's deprecated spelling of a Pretrained init_cfg
+            if not isinstance(pretrained, str) or init_cfg is not None:
+                raise ValueError(
+                    'pretrained must be a checkpoint path or URL (str) and '
+                    'cannot be combined with init_cfg; prefer '
+                    "init_cfg=dict(type='Pretrained', checkpoint=...), got "
+                    f'pretrained={pretrained!r}, init_cfg={init_cfg!r}')
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         check_init_cfg('init_cfg', init_cfg)
         check_resnet_args(self, depth, kwargs)
-        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
-            checkpoint = init_cfg.get('checkpoint')
-            if '://' in str(checkpoint):
-                raise ValueError(
-                    'init_cfg.checkpoint must be a local file path (no '
-                    f'downloads at run time), got {checkpoint!r}')
-            if not osp.isfile(str(checkpoint)):
-                raise FileNotFoundError(
-                    f'init_cfg.checkpoint: no such file: {checkpoint!r}')
+        # The checkpoint (a path, URL, torchvision:// or open-mmlab:// name)
+        # is read by init_weights(), when training starts, never here: a
+        # trained model is built, tested and served without it.
         super().__init__(depth, init_cfg=init_cfg, **kwargs)
 
     def check_depth(self, depth, bottleneck=False, why=''):
@@ -162,14 +164,32 @@ class ContextResNet(TrainableContextMixin, ResNet):
         ``c``, so the block computes exactly the pretrained block.
         """
         init_cfg = self.init_cfg
-        if not (isinstance(init_cfg, dict)
-                and init_cfg.get('type') == 'Pretrained'):
+        cfgs = init_cfg if isinstance(init_cfg, list) else [init_cfg]
+        pretrained = [c for c in cfgs
+                      if isinstance(c, dict) and c.get('type') == 'Pretrained']
+        if not pretrained:
             super().init_weights()
             return
-        self.init_cfg = None
-        super().init_weights()
-        self.init_cfg = init_cfg
-        state = read_backbone_state(init_cfg['checkpoint'])
+        if len(pretrained) > 1:
+            raise ValueError('init_cfg: at most one Pretrained entry, got '
+                             f'{init_cfg!r}')
+        checkpoint = pretrained[0].get('checkpoint')
+        rest = [c for c in cfgs if c is not pretrained[0]]
+        self.init_cfg = rest or None
+        try:
+            super().init_weights()
+        finally:
+            self.init_cfg = init_cfg
+        try:
+            state = read_backbone_state(checkpoint)
+        except (CheckpointError, OSError) as err:
+            raise CheckpointError(
+                f'{type(self).__name__}: cannot initialise from '
+                f'init_cfg.checkpoint={checkpoint!r} ({err}). Change '
+                'model.backbone.init_cfg.checkpoint (e.g. --cfg-options '
+                'model.backbone.init_cfg.checkpoint=/path/to/resnet50.pth), '
+                'or set model.backbone.init_cfg=None to train from scratch.'
+            ) from err
         logger = MMLogger.get_current_instance()
         load_state_dict(self, state, strict=False, logger=logger)
         own = self.state_dict()
@@ -177,7 +197,7 @@ class ContextResNet(TrainableContextMixin, ResNet):
         ignored = [k for k in state if k not in own]
         logger.info(
             f'{type(self).__name__}: loaded {len(own) - len(new)} of '
-            f'{len(own)} tensors from {init_cfg["checkpoint"]}; newly '
+            f'{len(own)} tensors from {checkpoint}; newly '
             f'initialised: {new}; ignored checkpoint entries: {ignored}')
         self._compensate_constant_gates(state)
 
@@ -200,11 +220,17 @@ class ContextResNet(TrainableContextMixin, ResNet):
 
 
 def read_backbone_state(path):
-    """The backbone's tensors from a local checkpoint file, in any stock
-    layout: a bare state dict (torchvision), or one under ``state_dict`` /
-    ``model``, possibly with ``backbone.`` and ``module.`` prefixes (mmdet,
-    mmseg, mmpretrain, DDP)."""
-    checkpoint = load_checkpoint_file(path)
+    """The backbone's tensors from a checkpoint (local path, ``~`` allowed;
+    http(s) URL, ``torchvision://`` or ``open-mmlab://`` name, read through
+    mmengine's loaders, which mmctx secures), in any stock layout: a bare
+    state dict (torchvision), or one under ``state_dict`` / ``model``,
+    possibly with ``backbone.`` and ``module.`` prefixes (mmdet, mmseg,
+    mmpretrain, DDP)."""
+    if not isinstance(path, str) or not path:
+        raise ValueError('init_cfg.checkpoint must be a path or URL (str), '
+                         f'got {path!r}')
+    checkpoint = CheckpointLoader.load_checkpoint(
+        path, map_location='cpu', logger='current')
     for key in ('state_dict', 'model'):
         if isinstance(checkpoint, dict) and key in checkpoint:
             checkpoint = checkpoint[key]
@@ -348,11 +374,6 @@ def check_resnet_args(backbone, depth, kwargs):
         raise ValueError('stage_with_dcn must be all False when dcn is None '
                          f'(no stage can have DCN), got '
                          f'{args["stage_with_dcn"]!r}')
-    if args['pretrained'] is not None:
-        raise ValueError(
-            'pretrained is deprecated upstream and not supported: use '
-            "init_cfg=dict(type='Pretrained', checkpoint=PATH), got "
-            f'{args["pretrained"]!r}')
     plugins = args['plugins']
     if plugins and backbone.arch_settings[depth][0] is not Bottleneck:
         backbone.check_depth(depth, bottleneck=True,
