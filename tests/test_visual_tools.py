@@ -11,6 +11,7 @@
 The three tool runs that need a model start up front, two at a time.
 """
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -257,3 +258,22 @@ def test_trigger_visualization_hook(monkeypatch, tmp_path):
         monkeypatch.delenv('WAYLAND_DISPLAY', raising=False)
         with pytest.raises(NoDisplayError, match='--show-dir'):
             trigger_visualization_hook(det, show=True)
+
+
+def test_setup_installs_what_the_visual_tools_import():
+    """setup.py requires (and setup_env.sh's sanity check imports) what
+    mmdet's plot_curve and mmengine's TensorBoard backend need."""
+    import ast
+    from importlib.metadata import version
+    tree = ast.parse((REPO_ROOT / 'setup.py').read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and getattr(n.func, 'id', None) == 'setup')
+    requires = next(ast.literal_eval(k.value) for k in call.keywords
+                    if k.arg == 'install_requires')
+    names = {re.split(r'[<>=!~ ]', r)[0] for r in requires}
+    assert {'matplotlib', 'seaborn', 'tensorboard'} <= names
+    for name in ('matplotlib', 'seaborn', 'tensorboard'):
+        assert version(name)
+    sanity = (REPO_ROOT / 'tools' / 'setup_env.sh').read_text()
+    assert 'import matplotlib, seaborn' in sanity
+    assert 'from torch.utils.tensorboard import SummaryWriter' in sanity
