@@ -11,7 +11,7 @@ DEMO_WORK_DIR ?= work_dirs/demo
 help:
 	@echo "make setup  - install torch (if missing), mmcv 2.1.0 with ops (cached build), the OpenMMLab stack and mmctx (-e)"
 	@echo "make data   - setup + generate the synthetic demo data sets into $(DEMO_DATA)"
-	@echo "make demo   - setup + data + train/evaluate Faster R-CNN R50-FPN on the demo shapes (CPU ok)"
+	@echo "make demo   - setup + the long-range-context probe: plain / SB / GE / PSI ResNet-14 trained on CPU, table + pictures in $(DEMO_WORK_DIR)"
 	@echo "make test   - setup + pytest tests/"
 	@echo "PYTHON=$(PYTHON)  (override: make test PYTHON=/path/to/venv/bin/python)"
 
@@ -21,8 +21,8 @@ setup:
 data: setup
 	$(PYTHON) tools/generate_demo_data.py --out $(DEMO_DATA) --seed 0
 
-demo: setup data
-	$(PYTHON) tools/train.py configs/demo_faster_rcnn_r50.py --work-dir $(DEMO_WORK_DIR)
+demo: setup
+	$(PYTHON) tools/analysis/context_probe.py --visualize --work-dir $(DEMO_WORK_DIR) --out $(DEMO_WORK_DIR)/probe_table.md
 
 test: setup
 	$(PYTHON) -m pytest tests -v -rs
