@@ -41,6 +41,13 @@ setup(
         'matplotlib',
         'seaborn>=0.12',
         'tensorboard>=2.14',  # mmengine's TensorboardVisBackend
+        # ONNX export (tools/deployment/export_onnx.py, mmctx.deployment);
+        # tested with onnx 1.23.2, onnxscript 0.7.2, onnxruntime 1.31.1 on
+        # Python 3.11 / torch 2.13 (torch's dynamo exporter needs
+        # onnxscript's torchlib).
+        'onnx>=1.17,<2',
+        'onnxscript>=0.3,<1',
+        'onnxruntime>=1.17,<2',
     ],
     extras_require={'tests': ['pytest']},
     license='Apache License 2.0',

@@ -156,6 +156,8 @@ from mmcv.ops import RoIAlign, nms  # noqa: F401
 # log plotting (analyze_logs.py plot_curve) and mmengine's TensorBoard backend
 import matplotlib, seaborn  # noqa: F401,E401
 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+# ONNX export (tools/deployment/export_onnx.py)
+import onnx, onnxscript, onnxruntime  # noqa: F401,E401
 assert 'torchvision' not in sys.modules, 'something imported torchvision'
 print('[setup_env] ok: torch %s, mmcv %s, mmengine %s, mmdet %s, mmseg %s, '
       'mmpretrain %s' % (torch.__version__, mmcv.__version__,

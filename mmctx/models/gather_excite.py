@@ -11,7 +11,8 @@ from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
 from .utils import (check_choice, check_init_cfg, check_layer_cfg,
-                    check_positive_int, check_size, normalize, resample_to)
+                    check_positive_int, check_size, normalize, resample_to,
+                    size_generic_path)
 
 VARIANTS = ('parameter_free', 'depthwise', 'depthwise_excite')
 EXTENTS = (2, 4, 8, 'global')
@@ -126,12 +127,45 @@ class GatherExcite(BaseModule):
         elif self.variant == 'depthwise_excite':
             constant_init(self.excite[-1], 0)
 
+    def _window_mean(self, x):
+        """Mean over each extent x extent window; a partial window at the
+        border is its own window (``avg_pool2d`` with ``ceil_mode``)."""
+        extent = self.extent
+        if not size_generic_path(x):
+            return F.avg_pool2d(x, extent, extent, ceil_mode=True)
+        # Size-generic form for traced / exported graphs (torch.export
+        # cannot prove ceil_mode's output-size rule for a symbolic size):
+        # weight each pixel by 1 / its window's pixel count, zero-pad to
+        # whole windows and sum (avg_pool2d * extent**2, exact for a power
+        # of two). Equal to the eager result up to float rounding.
+        height, width = x.shape[-2:]
+        rows = torch.arange(height, device=x.device)
+        cols = torch.arange(width, device=x.device)
+        row_count = (height - rows // extent * extent).clamp(max=extent)
+        col_count = (width - cols // extent * extent).clamp(max=extent)
+        weight = 1 / (row_count[:, None] * col_count[None, :]).to(x.dtype)
+        pad = (0, (-width) % extent, 0, (-height) % extent)
+        return F.avg_pool2d(F.pad(x * weight, pad), extent, extent) * (
+            extent * extent)
+
+    def _expand(self, gate, x):
+        """Each pixel of ``x`` takes its window's gate (windows are extent
+        wide; the last one may be cut by the border)."""
+        if not size_generic_path(x):
+            height, width = x.shape[-2:]
+            return F.interpolate(gate, scale_factor=self.extent,
+                                 mode='nearest')[..., :height, :width]
+        # The same copy, with output sizes that are exactly x's (symbolic)
+        # sizes: pixel i takes window i // extent.
+        rows = torch.arange(x.shape[-2], device=x.device) // self.extent
+        cols = torch.arange(x.shape[-1], device=x.device) // self.extent
+        return gate.index_select(2, rows).index_select(3, cols)
+
     def _gather(self, x):
         if self.variant == 'parameter_free':
             if self.extent == 'global':
                 return x.mean((2, 3), keepdim=True)
-            # ceil_mode: a partial window at the border is its own window.
-            return F.avg_pool2d(x, self.extent, self.extent, ceil_mode=True)
+            return self._window_mean(x)
         if self.extent == 'global':
             # A depthwise conv whose kernel covers the map is a per-channel
             # dot product; einsum computes it several times faster on CPU.
@@ -151,9 +185,5 @@ class GatherExcite(BaseModule):
             context = self.excite(F.relu(context))
         gate = context.sigmoid()
         if self.extent != 'global':
-            # Each pixel takes its window's gate (windows are extent wide;
-            # the last one may be cut by the border).
-            height, width = x.shape[-2:]
-            gate = F.interpolate(gate, scale_factor=self.extent,
-                                 mode='nearest')[..., :height, :width]
+            gate = self._expand(gate, x)
         return x * gate

@@ -7,7 +7,7 @@ from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
 from .utils import (check_init_cfg, check_positive_int, check_real,
-                    check_size, resample_to)
+                    check_size, resample_to, size_generic_path)
 
 
 @MODELS.register_module()
@@ -91,15 +91,26 @@ class PatchSpatialInteraction(BaseModule):
         Away from the reference size, the channels are squeezed before the
         resampling (both are linear, so the result is the same): one 1x1 conv
         gives a map per kernel offset, and only those few maps are resampled
-        instead of all C channels.
+        instead of all C channels. Traced / exported graphs always take this
+        path (:func:`~mmctx.models.utils.size_generic_path`): it serves
+        every size, and equals the plain squeeze at the reference size up to
+        float rounding.
         """
-        if tuple(x.shape[-2:]) == self.feature_size:
+        generic = size_generic_path(x)
+        if not generic and tuple(x.shape[-2:]) == self.feature_size:
             return self.squeeze(x)
         (ph, pw), (gh, gw) = self.squeeze.kernel_size, self.grid
         weight = self.squeeze.weight.permute(2, 3, 0, 1)  # (ph, pw, 1, C)
-        maps = F.conv2d(x, weight.reshape(ph * pw, -1, 1, 1))
+        weight = weight.reshape(ph * pw, -1, 1, 1)
+        if generic and ph * pw == 1:
+            # A conv with one output channel makes torch.export guard on
+            # the map's area (> 1, a memory-format check); a weighted
+            # channel sum computes the same map without it.
+            maps = (x * weight.view(1, -1, 1, 1)).sum(1, keepdim=True)
+        else:
+            maps = F.conv2d(x, weight)
         maps = resample_to(maps, self.feature_size)
-        maps = maps.view(x.shape[0], ph, pw, gh, ph, gw, pw)
+        maps = maps.reshape(-1, ph, pw, gh, ph, gw, pw)
         # Map (i, j) contributes its pixels at offset (i, j) of each patch.
         patches = torch.einsum('zijaibj->zab', maps)
         return patches + self.squeeze.bias.view(1, 1, 1)

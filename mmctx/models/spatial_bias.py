@@ -7,8 +7,10 @@ from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
-from .utils import (built_as_plugin, check_choice, check_init_cfg,
-                    check_layer_cfg, check_positive_int, normalize)
+from .utils import (adaptive_avg_pool2d_generic, adaptive_max_pool2d_generic,
+                    built_as_plugin, check_choice, check_init_cfg,
+                    check_layer_cfg, check_positive_int, normalize,
+                    size_generic_path)
 
 
 @MODELS.register_module()
@@ -110,7 +112,14 @@ class SpatialBias(BaseModule):
         batch = x.shape[0]
         r = self.pool_size
         maps = F.relu(normalize(self.norm, self.squeeze(x)))
-        maps = self.pool(maps)  # (B, k + 2, r, r)
+        if size_generic_path(maps):
+            # Traced / exported graphs: adaptive pooling from tensor ops
+            # (the legacy ONNX exporter has none for a dynamic input size).
+            generic = adaptive_avg_pool2d_generic if self.pool_type == 'avg' \
+                else adaptive_max_pool2d_generic
+            maps = generic(maps, (r, r))
+        else:
+            maps = self.pool(maps)  # (B, k + 2, r, r)
         # Positions become Conv1d channels; the kernel slides over the maps.
         maps = maps.flatten(2).transpose(1, 2)  # (B, r*r, k + 2)
         bias = self.mix(maps).transpose(1, 2)  # (B, k, r*r)

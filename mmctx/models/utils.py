@@ -1,8 +1,11 @@
 """Helpers shared by the modules: argument checks that fail at construction
-by name, a batch-size-safe norm call, and resampling to a reference grid."""
+by name, a batch-size-safe norm call, and resampling to a reference grid
+(with a size-generic path for traced and exported graphs)."""
+import contextlib
 import numbers
 import sys
 
+import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -147,14 +150,127 @@ def normalize(norm, x):
     return norm(x)
 
 
+_force_size_generic = [None]
+
+
+@contextlib.contextmanager
+def size_generic(enabled=True):
+    """Force the modules' path choice (see :func:`size_generic_path`).
+
+    ``size_generic()`` runs the size-generic path in eager mode too (the
+    very ops traced and exported graphs contain; tests compare it with the
+    eager fast paths). ``size_generic(False)`` keeps the eager fast paths
+    even while tracing: for tools that trace one input size to analyse what
+    eager code computes (e.g. FLOP counting); such a graph is only valid at
+    the traced size.
+    """
+    previous = _force_size_generic[0]
+    _force_size_generic[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _force_size_generic[0] = previous
+
+
+def size_generic_path(x=None):
+    """Whether the forward must not branch on the input's size.
+
+    True under ``torch.jit.trace`` / ``script``, the ONNX exporters,
+    ``torch.compile`` and ``torch.export`` (a Python ``if`` on a shape would
+    be baked into the graph as a constant and the graph would only be right
+    at the traced size), when ``x`` has symbolic sizes, and inside
+    :func:`size_generic`; False inside ``size_generic(False)``. Eager code
+    may take exact fast paths otherwise.
+    """
+    forced = _force_size_generic[0]
+    if forced is not None:
+        return forced
+    if torch.jit.is_scripting() or torch.jit.is_tracing() \
+            or torch.onnx.is_in_onnx_export() \
+            or torch.compiler.is_compiling() \
+            or torch.compiler.is_exporting():
+        return True
+    return x is not None and any(
+        not isinstance(side, int) for side in x.shape[-2:])
+
+
+def _pool_windows(in_size, out_size, like):
+    """(out_size, in_size) bool mask of adaptive pooling's windows along one
+    axis, and each window's length.
+
+    Window i covers the inputs [floor(i n / m), ceil((i + 1) n / m)), as in
+    ``F.adaptive_avg_pool2d`` / ``F.adaptive_max_pool2d``. ``in_size`` may be
+    symbolic (a SymInt under torch.export, a traced 0-dim tensor under
+    torch.jit.trace): only tensor arithmetic touches it, so the graph stays
+    size-generic.
+    """
+    rows = torch.arange(out_size, device=like.device)
+    start = torch.div(rows * in_size, out_size, rounding_mode='floor')
+    end = torch.div((rows + 1) * in_size + (out_size - 1), out_size,
+                    rounding_mode='floor')
+    cols = torch.arange(in_size, device=like.device)
+    inside = (cols >= start[:, None]) & (cols < end[:, None])
+    return inside, end - start
+
+
+def _pool_matrix(in_size, out_size, like):
+    """(out_size, in_size) matrix of adaptive average pooling along one
+    axis; the identity (exact) at ``in_size == out_size``."""
+    inside, length = _pool_windows(in_size, out_size, like)
+    return inside.to(like.dtype) / length[:, None].to(like.dtype)
+
+
+def adaptive_avg_pool2d_generic(x, size):
+    """``F.adaptive_avg_pool2d(x, size)`` as two matrix products.
+
+    Size-generic under tracing and export (ONNX has no adaptive pooling for
+    a dynamic input size; PyTorch's decomposition guards on the size), and
+    exactly the identity at ``x``'s own size. Elsewhere it equals the
+    adaptive pool up to float rounding.
+    """
+    rows = _pool_matrix(x.shape[-2], size[0], x)
+    cols = _pool_matrix(x.shape[-1], size[1], x)
+    # Two plain 2-D products over reshaped maps. matmul's batch-broadcast
+    # path, einsum and .contiguous() would make torch.export guard on the
+    # sizes (is a side 1?); clone() copies without asking.
+    lead, (height, width) = x.shape[:-2], x.shape[-2:]
+    x = torch.mm(x.reshape(-1, width), cols.transpose(0, 1))  # (.. H, w)
+    x = x.view(*lead, height, size[1]).transpose(-1, -2).clone(
+        memory_format=torch.contiguous_format)
+    x = torch.mm(x.view(-1, height), rows.transpose(0, 1))  # (.. w, h)
+    return x.view(*lead, size[1], size[0]).transpose(-1, -2)
+
+
+def adaptive_max_pool2d_generic(x, size):
+    """``F.adaptive_max_pool2d(x, size)`` (values only) as masked maxima
+    over each axis's windows: size-generic under tracing and export, and
+    exact."""
+    rows, _ = _pool_windows(x.shape[-2], size[0], x)
+    cols, _ = _pool_windows(x.shape[-1], size[1], x)
+    low = float('-inf')
+    x = torch.where(cols, x[..., None, :], low).amax(-1)  # (.., H, w)
+    x = x.transpose(-1, -2)  # (.., w, H)
+    x = torch.where(rows, x[..., None, :], low).amax(-1)  # (.., w, h)
+    return x.transpose(-1, -2)
+
+
 def resample_to(x, size):
     """Average-pool ``x`` to the spatial ``size`` (identity if already so).
 
     Layers whose weights span a fixed grid (global depthwise gathers, PSI's
     patch MLP) see every input through this, so any H x W maps onto the grid
     they were built for and the reference size is left untouched.
+
+    Eager calls skip the pooling at the reference size and otherwise use
+    ``F.adaptive_avg_pool2d``. Traced / exported graphs always resample with
+    :func:`adaptive_avg_pool2d_generic` (identity at the reference size,
+    equal to the adaptive pool elsewhere up to rounding), so one graph
+    serves every input size.
     """
-    if tuple(x.shape[-2:]) == tuple(size):
+    size = tuple(size)
+    if size_generic_path(x):
+        return adaptive_avg_pool2d_generic(x, size)
+    if tuple(x.shape[-2:]) == size:
         return x
     return F.adaptive_avg_pool2d(x, size)
 

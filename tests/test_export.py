@@ -1,0 +1,251 @@
+"""Export at any size: one ONNX file / torch.export program / jit trace per
+backbone serves every input size and equals the eager model there; the
+modules' size-generic path (what traced graphs run) equals their eager fast
+paths."""
+import os.path as osp
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from mmengine.registry import MODELS
+
+import mmctx  # noqa: F401
+from mmctx.deployment import (_TupleOutputs, export_onnx, export_program,
+                              verify_onnx)
+from mmctx.models import GatherExcite, PatchSpatialInteraction, SpatialBias
+from mmctx.models.utils import (adaptive_avg_pool2d_generic,
+                                adaptive_max_pool2d_generic, resample_to,
+                                size_generic, size_generic_path)
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from test_modules import randomize  # noqa: E402
+
+pytest.importorskip('onnxruntime')
+pytest.importorskip('onnxscript')
+
+REF = 64  # reference input size of the small test backbones
+# the reference size, a non-square one, one smaller than the reference
+# (odd: partial GE windows, PSI patches cut by the border), a larger one
+SIZES = [(REF, REF), (48, 80), (33, 45)]
+ONNX_SIZES = SIZES + [(96, 72)]
+ATOL = 1e-4
+
+
+def _ge_plugin(variant, extent, stages):
+    return dict(cfg=dict(type='GatherExcite', variant=variant,
+                         extent=extent, reduction=4, postfix=f'_e{extent}'),
+                stages=stages, position='after_conv3')
+
+
+def ge_backbone(variant):
+    """GE-ResNet-14 with every extent of one variant: the global gather of
+    GEResNet in all stages plus extent-2/4/8 plugins in two stages each."""
+    return dict(
+        type='GEResNet', depth=14, base_channels=16, reference_input_size=REF,
+        ge=dict(variant=variant, extent='global', reduction=4),
+        plugins=[_ge_plugin(variant, 2, (True, True, False, False)),
+                 _ge_plugin(variant, 4, (False, True, True, False)),
+                 _ge_plugin(variant, 8, (False, False, True, True))])
+
+
+BACKBONES = {
+    'SB': dict(type='SBResNet', depth=14, base_channels=16,
+               sb=dict(num_bias=3, pool_size=4)),
+    'GE-parameter_free': ge_backbone('parameter_free'),
+    'GE-depthwise': ge_backbone('depthwise'),
+    'GE-depthwise_excite': ge_backbone('depthwise_excite'),
+    # stage maps 16/8/4/2 at 64: patches 4/2/1/1 on grids 4/4/4/2
+    'PSI': dict(type='PSIResNet', depth=14, base_channels=16,
+                reference_input_size=REF, psi=dict(grid_size=4)),
+}
+
+
+def build(name):
+    torch.manual_seed(0)
+    return randomize(MODELS.build(BACKBONES[name]))
+
+
+def inputs(size, batch=2, seed=1):
+    return torch.randn(batch, 3, *size,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope='module', params=list(BACKBONES))
+def exported(request, tmp_path_factory):
+    """A backbone, its torch.export program (dynamic batch, H, W) and the
+    ONNX file exported from that program."""
+    model = build(request.param)
+    program = export_program(model, shape=(REF, REF))
+    out = tmp_path_factory.mktemp('onnx') / f'{request.param}.onnx'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        export_onnx(model, str(out), shape=(REF, REF), program=program)
+    return request.param, model, program, out
+
+
+def max_diff(got, expected):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert tuple(g.shape) == tuple(e.shape)
+    return max(float((g - e).abs().max()) for g, e in zip(got, expected))
+
+
+def test_onnx_dynamo_any_size(exported):
+    """One file, dynamic axes: onnxruntime equals eager PyTorch at the
+    reference size, a non-square, a smaller and a larger size."""
+    name, model, _, out = exported
+    results = verify_onnx(model, out, ONNX_SIZES, batch=2)
+    results.update(verify_onnx(model, out, [(40, 56)], batch=1))
+    for size, (diff, scale) in results.items():
+        assert diff <= ATOL, (name, size, diff, scale)
+        assert scale > 1e-2  # outputs are not trivially small
+
+
+def test_torch_export_any_size(exported):
+    name, model, program, _ = exported
+    module = program.module()
+    with torch.no_grad():
+        for size in SIZES + [(17, 23)]:
+            x = inputs(size, batch=1 if size == (17, 23) else 2)
+            diff = max_diff(module(x), _TupleOutputs(model)(x))
+            assert diff <= 1e-5, (name, size, diff)
+
+
+@pytest.mark.parametrize('name', list(BACKBONES))
+def test_onnx_legacy_any_size(name, tmp_path):
+    model = build(name)
+    out = tmp_path / 'legacy.onnx'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        export_onnx(model, str(out), shape=(REF, REF), dynamo=False)
+    for size, (diff, _) in verify_onnx(model, out, SIZES, batch=2).items():
+        assert diff <= ATOL, (name, size, diff)
+
+
+@pytest.mark.parametrize('name', list(BACKBONES))
+def test_jit_trace_at_reference_size_generalises(name):
+    model = _TupleOutputs(build(name))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        traced = torch.jit.trace(model, inputs((REF, REF)),
+                                 check_trace=False)
+    with torch.no_grad():
+        for size in SIZES:
+            x = inputs(size, seed=2)
+            diff = max_diff(traced(x), model(x))
+            assert diff <= 1e-5, (name, size, diff)
+
+
+def test_eager_is_not_generic_and_tracing_is():
+    x = torch.randn(1, 2, 5, 5)
+    assert not size_generic_path(x)
+    with size_generic():
+        assert size_generic_path(x)
+    assert not size_generic_path(x)
+    seen = []
+
+    def probe(t):
+        seen.append(size_generic_path(t))
+        return t * 2
+
+    torch.jit.trace(probe, x, check_trace=False)
+    assert seen == [True]
+    with size_generic(False):  # analysis tools: trace the eager paths
+        torch.jit.trace(probe, x, check_trace=False)
+    assert seen == [True, False]
+
+
+# ------------------------------------------------ generic path == fast path
+def all_modules():
+    return [
+        SpatialBias(16, num_bias=3, pool_size=10),
+        SpatialBias(16, num_bias=2, pool_size=6, pool_type='max',
+                    fusion='add'),
+        *(GatherExcite(16, v, e, feature_size=(7, 9), reduction=4)
+          for v in ('parameter_free', 'depthwise', 'depthwise_excite')
+          for e in (2, 4, 8, 'global')),
+        PatchSpatialInteraction(16, feature_size=32, grid_size=8),
+        PatchSpatialInteraction(16, feature_size=(8, 12), grid_size=4),
+        PatchSpatialInteraction(16, feature_size=8),
+    ]
+
+
+@pytest.mark.parametrize('hw', [(7, 9), (8, 12), (32, 32), (1, 1), (5, 3),
+                                (33, 57)])
+def test_generic_path_equals_eager_fast_path(hw):
+    """What traced / exported graphs compute equals the eager result (which
+    takes fast paths: no resampling at the reference size, adaptive pools,
+    ceil-mode windows) at, below and above the reference size."""
+    for m in all_modules():
+        randomize(m)
+        x = torch.randn(2, 16, *hw)
+        with torch.no_grad():
+            eager = m(x)
+            with size_generic():
+                generic = m(x)
+        torch.testing.assert_close(generic, eager, rtol=1e-5, atol=1e-5,
+                                   msg=lambda s: f'{m}: {s}')
+
+
+@pytest.mark.parametrize('hw,size', [((7, 9), (7, 9)), ((16, 16), (7, 9)),
+                                     ((5, 3), (7, 9)), ((33, 57), (10, 10)),
+                                     ((1, 1), (3, 2))])
+def test_generic_pools_equal_adaptive_pools(hw, size):
+    x = torch.randn(2, 3, *hw)
+    avg = adaptive_avg_pool2d_generic(x, size)
+    torch.testing.assert_close(avg, torch.nn.functional.adaptive_avg_pool2d(
+        x, size), rtol=1e-6, atol=1e-6)
+    if hw == size:
+        assert torch.equal(avg, x)  # the identity, exactly
+    assert torch.equal(adaptive_max_pool2d_generic(x, size),
+                       torch.nn.functional.adaptive_max_pool2d(x, size))
+    with size_generic():
+        assert torch.equal(resample_to(x, size), avg)
+    if hw == size:
+        assert resample_to(x, size) is x  # eager fast path: no op at all
+
+
+def test_window_gate_generic_is_exact_copy():
+    m = GatherExcite(4, 'parameter_free', extent=4)
+    gate = torch.randn(2, 4, 2, 3)
+    x = torch.randn(2, 4, 7, 9)
+    eager = m._expand(gate, x)
+    with size_generic():
+        assert torch.equal(m._expand(gate, x), eager)
+
+
+# ------------------------------------------------------------------- the CLI
+def test_export_onnx_cli_with_checkpoint(tmp_path):
+    """A detection-style config whose init_cfg names a missing ImageNet file
+    and a whole-model checkpoint (``backbone.`` keys): the tool exports,
+    loads the weights and verifies at the given size."""
+    cfg = dict(BACKBONES['GE-depthwise_excite'],
+               init_cfg=dict(type='Pretrained',
+                             checkpoint=str(tmp_path / 'missing_r50.pth')))
+    config = tmp_path / 'ge_detector.py'
+    config.write_text(
+        "default_scope = 'mmdet'\n"
+        "custom_imports = dict(imports=['mmctx'], "
+        'allow_failed_imports=False)\n'
+        f"model = dict(type='FasterRCNN', backbone={cfg!r})\n")
+    model = build('GE-depthwise_excite')
+    state = {f'backbone.{k}': v for k, v in model.state_dict().items()}
+    state['neck.lateral.weight'] = torch.zeros(1)
+    torch.save(dict(state_dict=state, meta=dict()), tmp_path / 'model.pth')
+    out = tmp_path / 'ge.onnx'
+    proc = subprocess.run(
+        [sys.executable, 'tools/deployment/export_onnx.py', str(config),
+         str(tmp_path / 'model.pth'), '--out', str(out), '--shape', '48',
+         '80', '--verify-shape', '33', '45', '--legacy'],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 'at 48x80: max abs diff' in proc.stdout
+    assert 'at 33x45: max abs diff' in proc.stdout
+    assert 'FAILED' not in proc.stdout
+    # the file holds the checkpoint's weights: it equals `model`
+    for size, (diff, _) in verify_onnx(model, out, [(REF, REF), (50, 30)],
+                                       batch=2).items():
+        assert diff <= ATOL, (size, diff)
