@@ -235,14 +235,21 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize('tool', ['ours', 'stock'])
 @pytest.mark.parametrize('name', ['faster_rcnn_sb_r50', 'fpn_sb_r50_ade20k'])
-def test_tools_test_from_another_directory(name, trained, repo_root,
+def test_tools_test_from_another_directory(name, tool, trained, repo_root,
                                            tmp_path):
-    """tools/test.py with the shipped config (its init_cfg still names the
+    """tools/test.py -- ours, and the stock one shipped inside mmdet / mmseg
+    (``.mim/tools``) -- with the shipped config (its init_cfg still names the
     ImageNet weights, offline) and a trained checkpoint, run from another
     working directory, reports the metric."""
+    import os
     import subprocess
     import sys
+    from pathlib import Path
+
+    import mmdet
+    import mmseg
 
     from config_overrides import (cli_options, det_options, load_config,
                                   seg_options)
@@ -252,11 +259,20 @@ def test_tools_test_from_another_directory(name, trained, repo_root,
     del options['model.backbone.init_cfg']  # keep the config's URL
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
+    script = repo_root / 'tools' / 'test.py'
+    env = dict(os.environ)
+    if tool == 'stock':
+        package = mmdet if 'rcnn' in name else mmseg
+        script = Path(package.__file__).parent / '.mim' / 'tools' / 'test.py'
+        # the stock tool imports mmctx through the config's custom_imports
+        env['PYTHONPATH'] = os.pathsep.join(
+            [str(repo_root)] + [p for p in [env.get('PYTHONPATH')] if p])
     proc = subprocess.run(
-        [sys.executable, str(repo_root / 'tools' / 'test.py'),
+        [sys.executable, str(script),
          str(repo_root / 'configs' / f'{name}.py'), str(trained[name]),
          '--work-dir', str(tmp_path / 'work'), *cli_options(options)],
-        cwd=str(elsewhere), capture_output=True, text=True, timeout=900)
+        cwd=str(elsewhere), env=env, capture_output=True, text=True,
+        timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     metric = 'coco/bbox_mAP' if 'rcnn' in name else 'mIoU'
