@@ -18,17 +18,20 @@ def num_params(module):
 
 
 def classifier_params(backbone, num_classes, feat_dim):
-    """Backbone + global pooling + fc, as an mmpretrain ImageClassifier."""
+    """Backbone + global pooling + fc, as an mmpretrain ImageClassifier
+    (built in mmpretrain's scope, whatever default scope earlier tests set)."""
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS as PRETRAIN_MODELS
-    model = PRETRAIN_MODELS.build(
-        dict(
-            type='ImageClassifier',
-            backbone=backbone,
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(
-                type='LinearClsHead',
-                num_classes=num_classes,
-                in_channels=feat_dim)))
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = PRETRAIN_MODELS.build(
+            dict(
+                type='ImageClassifier',
+                backbone=backbone,
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(
+                    type='LinearClsHead',
+                    num_classes=num_classes,
+                    in_channels=feat_dim)))
     return num_params(model)
 
 
