@@ -1,10 +1,11 @@
 # Long-range-context probe, plain model (see mmctx/probe.py and
 # tools/analysis/context_probe.py): a synthetic dense-prediction task in
-# which every shape takes the class given by the colour of a marker placed
-# >= 56 px away in a corner -- out of reach of this model: a marker pixel
-# influences the plain model's output at most 46 px away (computed exactly by
-# mmctx.probe.cue_reach; one output pixel sees a 59 px box), so a plain
-# ResNet can only guess the class, while SB / GE / PSI see the whole image.
+# which every pixel >= 56 px away from a marker in a corner takes the class
+# given by the marker's colour (nearer pixels are not scored) -- out of
+# reach of this model: a marker pixel influences the plain model's output at
+# most 46 px away (computed exactly by mmctx.probe.cue_reach; one output
+# pixel sees a 59 px box), so a plain ResNet can only guess the class, while
+# SB / GE / PSI see the whole image.
 #
 # The same small ResNet-14 for all four probe configs: bottleneck [1, 1, 1]
 # (three stages, strides 1/2/2, base width 16 -> 64/128/256 channels), the
@@ -19,8 +20,8 @@ custom_imports = dict(
     imports=['mmctx', 'mmctx.probe'], allow_failed_imports=False)
 
 image_size = 128
-num_classes = 4  # background + the three marker colours
-max_iters = 300
+num_classes = 3  # the three marker colours
+max_iters = 600
 norm_cfg = dict(type='BN', requires_grad=True)
 
 model = dict(
@@ -90,7 +91,7 @@ val_dataloader = dict(
     sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(probe_data, split='val', num_samples=64, test_mode=True))
 test_dataloader = val_dataloader
-val_evaluator = dict(type='ContextProbeMetric', iou_metrics=['mIoU'])
+val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
 test_evaluator = val_evaluator
 
 optim_wrapper = dict(
