@@ -1,9 +1,11 @@
 """The long-range-context probe (mmctx.probe): the synthetic task is what it
-claims (deterministic, cue outside the plain model's receptive field), and
-context flows structurally: the marker reaches the far shapes' logits through
+claims (deterministic, cue outside the plain model's receptive field);
+context flows structurally (the marker reaches the far pixels' logits through
 SB, GE-θ⁺ and PSI, not through the plain ResNet, and no longer through SB
-once its branch is cut off. (That the context models *learn* the cue in a
-short training is not shown yet: see the README's probe section.)
+once its branch is cut off); and it is *learned*: short trainings through
+mmengine's Runner with the shipped probe configs, in which SB, GE-θ⁺ and PSI
+learn the far cue while the same SB model with its branch cut off stays at
+chance.
 """
 import copy
 
@@ -30,13 +32,15 @@ def test_sample_is_deterministic_and_labelled_by_the_far_marker():
         s = probe.make_probe_sample(seed=0, index=i)
         gt, img, (x0, y0, x1, y1) = s['gt_seg_map'], s['img'], s['marker_box']
         labels.append(s['label'])
-        shapes = (gt > 0) & (gt != probe.IGNORE_INDEX)
+        shapes = s['shape_mask']
         assert shapes.any()
-        # every shape pixel has the marker's class, far from the marker
-        assert set(np.unique(gt[shapes])) == {s['label']}
+        # every pixel far from the marker has the marker's class, every
+        # nearer one (the marker's own included) is ignored
         dist = probe.cue_distance_map(gt.shape, s['marker_box'])
-        assert dist[shapes].min() >= 56
+        assert (gt[dist >= 56] == s['label']).all()
+        assert (gt[dist < 56] == probe.IGNORE_INDEX).all()
         assert (gt[y0:y1, x0:x1] == probe.IGNORE_INDEX).all()
+        assert dist[shapes].min() >= 56
         # the marker is saturated in its class's colour ...
         marker = img[y0:y1, x0:x1].reshape(-1, 3).mean(0)
         target = np.array(probe.MARKER_BGR[s['label']])
@@ -45,7 +49,7 @@ def test_sample_is_deterministic_and_labelled_by_the_far_marker():
         pixels = img[shapes].astype(float)
         assert np.abs(pixels - pixels.mean(1, keepdims=True)).mean() < 8
         assert pixels.mean() > 180
-    assert set(labels) == {1, 2, 3}
+    assert set(labels) == {0, 1, 2}
 
 
 def test_sample_arguments_are_checked():
@@ -67,7 +71,7 @@ def _build(name):
 
 
 def _marker_sensitivity(model, size, n=4):
-    """Largest change of the logits on shape pixels when the marker is
+    """Largest change of the logits on labelled pixels when the marker is
     recoloured (relative to the logits' scale), over ``n`` val samples."""
     dataset = probe.ContextProbeDataset(num_samples=n, split='val',
                                         pipeline=[])
@@ -76,7 +80,7 @@ def _marker_sensitivity(model, size, n=4):
         info = dataset.get_data_info(i)
         x0, y0, x1, y1 = info['marker_box']
         recoloured = info['img'].copy()
-        other = info['label'] % 3 + 1  # another class's marker colour
+        other = (info['label'] + 1) % 3  # another class's marker colour
         recoloured[y0:y1, x0:x1] = probe.MARKER_BGR[other]
         with torch.no_grad():
             logits = [
@@ -87,9 +91,8 @@ def _marker_sensitivity(model, size, n=4):
                     [dict(img_shape=(size, size), pad_shape=(size, size))])
                 for im in (info['img'], recoloured)
             ]
-        shapes = torch.from_numpy((info['gt_seg_map'] > 0)
-                                  & (info['gt_seg_map'] != 255))
-        diff = (logits[0] - logits[1]).abs()[0][:, shapes].max()
+        labelled = torch.from_numpy(info['gt_seg_map'] != 255)
+        diff = (logits[0] - logits[1]).abs()[0][:, labelled].max()
         worst = max(worst, float(diff / logits[0].abs().max()))
     return worst
 
@@ -113,12 +116,13 @@ def test_cue_is_outside_the_plain_receptive_field():
     # one output pixel sees a box smaller than the image ...
     rf = probe.receptive_field(model, size)
     assert not rf['whole_image'] and rf['size'] < size, rf
-    # ... and the marker, wherever it is, reaches less far than any shape
+    # ... and the marker, wherever it is, reaches less far than any
+    # labelled pixel
     reach = probe.cue_reach(model, size, data.marker_size)
     assert not reach['whole_image']
     assert reach['reach'] < distance, reach
     # so, for any weights, recolouring the marker changes nothing on the
-    # shapes of the plain model
+    # labelled pixels of the plain model
     assert _marker_sensitivity(_randomise(model), size) < 1e-6
 
 
@@ -180,3 +184,42 @@ def test_context_parameters_get_gradients_from_the_first_step():
                 assert moving == 0, name
             else:
                 assert moving > 0, name
+
+
+# ---------------------------------------------------------------------------
+# training: context is learned, and only through the context modules
+# ---------------------------------------------------------------------------
+def _train(tmp_path, name, iters):
+    rows, _ = probe.run_probe([name], iters=iters, work_dir=str(tmp_path),
+                              cfg_options=dict(log_level='WARNING'),
+                              with_rf=False)
+    return rows[0]
+
+
+@pytest.mark.parametrize('name', ['GE-θ⁺', 'PSI'])
+def test_ge_and_psi_learn_the_far_cue(tmp_path, name):
+    """300 iterations of the shipped schedule's kind (AdamW, warm-up, poly)
+    through the Runner: measured 100.0 mIoU for both (plain: 15.8)."""
+    row = _train(tmp_path, name, 300)
+    assert row['mIoU'] >= 70, row
+    assert row['accuracy'] >= 85, row
+
+
+def test_sb_learns_the_far_cue_and_not_without_its_branch(tmp_path,
+                                                          monkeypatch):
+    """SB needs the configs' 600 iterations (its bias channels enter conv3
+    through columns that start at zero, so it leaves the plain block's
+    plateau later: still at chance after 300); measured 100.0 / 90.6 / 100.0
+    mIoU with seeds 0 / 1 / 2. Cutting the SB branch off (zero bias maps)
+    leaves the plain network: chance, whatever the training."""
+    learned = _train(tmp_path / 'sb', 'SB', 600)
+    assert learned['mIoU'] >= 70, learned
+    assert learned['accuracy'] >= 85, learned
+
+    def no_bias(self, x, size):
+        return x.new_zeros(x.shape[0], self.num_bias, *size)
+
+    monkeypatch.setattr(SpatialBias, 'spatial_bias', no_bias)
+    cut = _train(tmp_path / 'cut', 'SB', 600)
+    assert cut['accuracy'] < 45, cut
+    assert learned['mIoU'] - cut['mIoU'] >= 25, (learned, cut)
