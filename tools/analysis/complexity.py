@@ -1,14 +1,18 @@
-"""Params, FLOPs and CPU latency of the mmctx context backbones vs ResNet-50.
+"""Params, FLOPs, inference latency, training-step time and training memory
+of the mmctx context backbones and the mmcv references vs ResNet-50.
 
 All numbers come from one process: every backbone is built through the
-registry, initialised (``init_weights()``), put in eval mode and run under
-``torch.no_grad()``. Latency is the median of ``--repeats`` timed forward
-passes of the whole batch after ``--warmup`` untimed ones; the models are
-timed interleaved (round-robin, rotating the start) so machine noise hits
-all of them alike.
+registry and initialised (``init_weights()``). Inference: eval mode under
+``torch.no_grad()``. Training step (:class:`mmctx.benchmark.TrainingStep`):
+train mode, forward, a loss over all stage outputs, backward, SGD step.
+Times are medians of ``--repeats`` timed rounds after ``--warmup`` untimed
+ones, the models interleaved (round-robin, rotating the start) so machine
+noise hits all of them alike. Training memory: see
+:func:`mmctx.benchmark.training_memory_bytes`.
 
     python tools/analysis/complexity.py        # 224x224 b8 and 800x1216 b1
     python tools/analysis/complexity.py --shape 64x64 --batch 1 --repeats 1
+    python tools/analysis/complexity.py --device cuda --amp --channels-last
     python tools/analysis/complexity.py --out docs/complexity.md
 """
 import argparse
@@ -27,6 +31,8 @@ from mmengine.registry import MODELS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import mmctx  # noqa: E402,F401  (registers SBResNet, GEResNet, PSIResNet)
+from mmctx.benchmark import (TrainingStep, cuda_training_memory_bytes,  # noqa: E402,E501
+                             time_interleaved, training_memory_bytes)
 from mmctx.models.utils import size_generic  # noqa: E402
 
 R50 = dict(type='mmdet.ResNet', depth=50)
@@ -68,8 +74,23 @@ def parse_args():
     p.add_argument('--repeats', type=int, default=7, help='timed rounds')
     p.add_argument('--threads', type=int,
                    help='torch intra-op threads (default: all usable cores)')
+    p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'),
+                   help='where to run (default cpu)')
+    p.add_argument('--amp', action='store_true',
+                   help='autocast (bfloat16 on CPU, float16 on CUDA)')
+    p.add_argument('--channels-last', action='store_true',
+                   help='channels_last memory format for models and input')
+    p.add_argument('--no-train', action='store_true',
+                   help='skip the training-step time and memory columns')
+    p.add_argument('--models', nargs='+', choices=list(BACKBONES),
+                   help='a subset of the models (R50 is always included)')
     p.add_argument('--out', help='also write the Markdown report here')
-    return p.parse_args()
+    args = p.parse_args()
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        p.error('--device cuda: no CUDA device is available')
+    if args.warmup < 0 or args.repeats < 1:
+        p.error('--warmup must be >= 0 and --repeats >= 1')
+    return args
 
 
 def count_flops(model, x):
@@ -83,22 +104,6 @@ def count_flops(model, x):
         return analyzer.total(), analyzer.unsupported_ops()
 
 
-def time_round_robin(models, x, warmup, repeats):
-    """Median wall-clock ms and median process CPU ms (all threads)."""
-    wall, cpu = defaultdict(list), defaultdict(list)
-    names = list(models)
-    for rnd in range(warmup + repeats):
-        shift = rnd % len(names)
-        for name in names[shift:] + names[:shift]:
-            start, start_cpu = time.perf_counter(), time.process_time()
-            models[name](x)
-            if rnd >= warmup:
-                wall[name].append((time.perf_counter() - start) * 1e3)
-                cpu[name].append((time.process_time() - start_cpu) * 1e3)
-    return ({n: statistics.median(wall[n]) for n in names},
-            {n: statistics.median(cpu[n]) for n in names})
-
-
 def cpu_model():
     with open('/proc/cpuinfo') as f:
         for line in f:
@@ -107,22 +112,30 @@ def cpu_model():
     return 'unknown'
 
 
-def table(shape, batch, params, flops, latency, cpu, uncounted):
+def table(shape, batch, params, flops, latency, cpu, uncounted, train=None,
+          memory=None):
     h, w = shape
     p0, f0, t0 = params['R50'], flops['R50'], latency['R50']
-    lines = [
-        f'## {h}x{w}, batch {batch}', '',
-        '| model | params (M) | Δparams vs R50 | GFLOPs | Δ% FLOPs '
-        '| latency ms | latency ratio vs R50 | CPU-time ratio vs R50 |',
-        '|---|---:|---:|---:|---:|---:|---:|---:|'
-    ]
+    head = ('| model | params (M) | Δparams vs R50 | GFLOPs | Δ% FLOPs '
+            '| latency ms | latency ratio | CPU-time ratio |')
+    rule = '|---|---:|---:|---:|---:|---:|---:|---:|'
+    if train:
+        head += ' train step ms | train-step ratio | train memory MiB ' \
+            '| memory ratio |'
+        rule += '---:|---:|---:|---:|'
+    lines = [f'## {h}x{w}, batch {batch}', '', head, rule]
     for name in params:
-        lines.append(
-            f'| {name} | {params[name] / 1e6:.3f} | {params[name] - p0:+,} '
-            f'| {flops[name] / 1e9:.2f} '
-            f'| {100 * (flops[name] / f0 - 1):+.2f}% '
-            f'| {latency[name]:.1f} | {latency[name] / t0:.2f} '
-            f'| {cpu[name] / cpu["R50"]:.2f} |')
+        line = (f'| {name} | {params[name] / 1e6:.3f} '
+                f'| {params[name] - p0:+,} | {flops[name] / 1e9:.2f} '
+                f'| {100 * (flops[name] / f0 - 1):+.2f}% '
+                f'| {latency[name]:.1f} | {latency[name] / t0:.3f} '
+                f'| {cpu[name] / cpu["R50"]:.3f} |')
+        if train:
+            line += (f' {train[name]:.1f} | {train[name] / train["R50"]:.3f} '
+                     f'| {memory[name] / 2**20:.1f} '
+                     f'| {memory[name] / memory["R50"]:.3f} |')
+        lines.append(line)
+    lines += ['', 'Ratios are against R50 in the same run.']
     ops = ', '.join(
         f'`{op}` ({"all" if len(by) == len(params) else ", ".join(by)})'
         for op, by in sorted(uncounted.items())) or 'none'
@@ -142,10 +155,15 @@ def main():
 
     # The current logger decides what init_weights() prints: warnings only.
     MMLogger.get_instance('complexity', log_level='WARNING')
+    device = torch.device(args.device)
+    fmt = torch.channels_last if args.channels_last else \
+        torch.contiguous_format
+    chosen = ['R50'] + [n for n in (args.models or BACKBONES) if n != 'R50']
     models = {}
-    for name, cfg in BACKBONES.items():
-        model = MODELS.build(cfg)
+    for name in chosen:
+        model = MODELS.build(BACKBONES[name])
         model.init_weights()
+        model.to(device=device, memory_format=fmt)
         model.eval()  # mmdet's ResNet.train() returns None
         models[name] = model
     params = {n: sum(p.numel() for p in m.parameters())
@@ -156,9 +174,21 @@ def main():
         '# Backbone complexity: context modules vs ResNet-50', '',
         f'Command: `{command}`', '',
         f'- torch {torch.__version__}, {torch.get_num_threads()} intra-op '
-        f'threads ({cores} usable cores), CPU: {cpu_model()}',
-        '- backbones only (4 stage outputs, no neck/classifier), float32, '
-        'NCHW, eval mode after `init_weights()`, `torch.no_grad()`',
+        f'threads ({cores} usable cores), CPU: {cpu_model()}'
+        + (f', GPU: {torch.cuda.get_device_name()}'
+           if args.device == 'cuda' else ''),
+        '- backbones only (4 stage outputs, no neck/classifier), '
+        f'{"autocast " if args.amp else ""}float32, '
+        f'{"channels_last" if args.channels_last else "NCHW"}; inference: '
+        'eval mode after `init_weights()`, `torch.no_grad()`',
+        '- training step: train mode (BN updating), forward, loss = sum of '
+        'the mean squares of the stage outputs, backward, SGD step '
+        '(momentum 0.9, wd 1e-4); train memory: '
+        + ('`torch.cuda.max_memory_allocated` of a step'
+           if args.device == 'cuda' else
+           'parameters + gradients + momentum + the tensors autograd saves '
+           'for backward (unique storages), i.e. what a step holds at the '
+           'end of its forward pass (`mmctx.benchmark`)'),
         '- params: all trainable parameters (BN running stats excluded); '
         'Δparams is exact',
         '- GFLOPs: mmengine `FlopAnalyzer` per image, 1 multiply-add = 1 '
@@ -173,21 +203,39 @@ def main():
         'time spent descheduled by other load is left out, but with >1 '
         'thread spin-waiting at barriers is not', ''
     ]
-    with torch.no_grad():
-        for shape, batch in settings:
-            x = torch.randn(batch, 3, *shape)
-            flops, uncounted = {}, defaultdict(list)
+    sync = torch.cuda.synchronize if args.device == 'cuda' else None
+    for shape, batch in settings:
+        x = torch.randn(batch, 3, *shape, device=device).contiguous(
+            memory_format=fmt)
+        flops, uncounted = {}, defaultdict(list)
+        with torch.no_grad():
             for name, model in models.items():  # FLOPs per image
                 flops[name], unsupported = count_flops(model, x[:1])
                 for op in unsupported:
                     uncounted[op].append(name)
-            load = os.getloadavg()[0]
-            latency, cpu = time_round_robin(models, x, args.warmup,
-                                            args.repeats)
-            lines += table(shape, batch, params, flops, latency, cpu,
-                           uncounted)
-            lines += [f'1-min load average before / after timing: {load:.2f}'
-                      f' / {os.getloadavg()[0]:.2f} (on {cores} cores)', '']
+        load = os.getloadavg()[0]
+        for model in models.values():
+            model.eval()
+        with torch.no_grad(), torch.autocast(
+                args.device, enabled=args.amp,
+                dtype=torch.bfloat16 if args.device == 'cpu'
+                else torch.float16):
+            latency, cpu = time_interleaved(models, x, args.warmup,
+                                            args.repeats, sync)
+        train = memory = None
+        if not args.no_train:
+            steps = {n: TrainingStep(m, autocast=args.amp)
+                     for n, m in models.items()}
+            train, _ = time_interleaved(steps, x, args.warmup, args.repeats,
+                                        sync)
+            measure = cuda_training_memory_bytes \
+                if args.device == 'cuda' else training_memory_bytes
+            memory = {n: measure(m, x, autocast=args.amp)
+                      for n, m in models.items()}
+        lines += table(shape, batch, params, flops, latency, cpu, uncounted,
+                       train, memory)
+        lines += [f'1-min load average before / after timing: {load:.2f}'
+                  f' / {os.getloadavg()[0]:.2f} (on {cores} cores)', '']
     report = '\n'.join(lines)
     print(report)
     if args.out:

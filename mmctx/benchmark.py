@@ -1,0 +1,125 @@
+"""Cost of a backbone: training-step time and training memory, measured the
+same way for every model so that ratios against a plain ResNet are fair
+(used by ``tools/analysis/complexity.py``).
+
+A *training step* is what a user's iteration costs the backbone: train mode
+(BN updating its statistics), forward, a scalar loss over every stage
+output, backward, and an SGD step (momentum 0.9, weight decay 1e-4).
+
+*Training memory* is the memory a training step holds at its peak, the end
+of the forward pass: the parameters, their gradients and momentum buffers,
+and the tensors autograd saved for the backward pass (each storage counted
+once, found with ``torch.autograd.graph.saved_tensors_hooks``). On CUDA the
+allocator's own peak (``torch.cuda.max_memory_allocated``) is reported
+instead. The CPU figure is deterministic: it does not depend on the
+allocator or on other processes.
+"""
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+
+def stage_loss(outputs):
+    """A scalar that depends on every stage output (their mean squares)."""
+    if isinstance(outputs, torch.Tensor):
+        outputs = (outputs, )
+    return sum(o.float().pow(2).mean() for o in outputs)
+
+
+class TrainingStep:
+    """One SGD training step of ``model`` on a fixed input, callable.
+
+    Args:
+        model (nn.Module): The backbone (put in train mode here).
+        lr (float): SGD learning rate; tiny by default so that repeated
+            steps keep the weights (and so the work) representative.
+        autocast (bool): Run forward and loss under ``torch.autocast`` of
+            the input's device type (bfloat16 on CPU, float16 on CUDA).
+    """
+
+    def __init__(self, model, lr=1e-6, autocast=False):
+        model.train()  # mmdet's ResNet.train() returns None
+        self.model = model
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+        self.autocast = autocast
+
+    def __call__(self, x):
+        with torch.autocast(x.device.type, enabled=self.autocast,
+                            dtype=torch.bfloat16 if x.device.type == 'cpu'
+                            else torch.float16):
+            loss = stage_loss(self.model(x))
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+
+def _storage_key(tensor):
+    try:
+        storage = tensor.untyped_storage()
+        return (storage.data_ptr(), storage.nbytes())
+    except (RuntimeError, NotImplementedError):
+        return (id(tensor), tensor.numel() * tensor.element_size())
+
+
+def training_memory_bytes(model, x, autocast=False):
+    """Bytes held at the peak of one training step on CPU (see the module
+    docstring): parameters + gradients + momentum + saved activations.
+    ``model`` is left in train mode with one step taken (lr 0)."""
+    step = TrainingStep(model, lr=0.0, autocast=autocast)
+    step(x)  # gradients and momentum buffers now exist
+    state = 0
+    for p in model.parameters():
+        state += 3 * p.numel() * p.element_size()  # weight, grad, momentum
+    saved = {}
+
+    def pack(tensor):
+        key = _storage_key(tensor)
+        if key[0] and key not in saved:
+            saved[key] = key[1]
+        return tensor
+
+    param_keys = {_storage_key(p) for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(x.device.type, enabled=autocast,
+                            dtype=torch.bfloat16):
+            loss = stage_loss(model(x))
+    activations = sum(n for k, n in saved.items() if k not in param_keys)
+    del loss
+    return state + activations
+
+
+def cuda_training_memory_bytes(model, x, autocast=False):
+    """Allocator peak of one CUDA training step, after a warm-up step."""
+    step = TrainingStep(model, lr=0.0, autocast=autocast)
+    step(x)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step(x)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def time_interleaved(calls, x, warmup=1, repeats=5, sync=None):
+    """Median wall-clock ms and median process CPU ms of each callable in
+    ``calls`` (name -> fn(x)), timed round-robin with a rotating start so
+    that machine noise hits all of them alike."""
+    wall, cpu = defaultdict(list), defaultdict(list)
+    names = list(calls)
+    for rnd in range(warmup + repeats):
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            if sync:
+                sync()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            calls[name](x)
+            if sync:
+                sync()
+            if rnd >= warmup:
+                wall[name].append((time.perf_counter() - start) * 1e3)
+                cpu[name].append((time.process_time() - start_cpu) * 1e3)
+    return ({n: statistics.median(wall[n]) for n in names},
+            {n: statistics.median(cpu[n]) for n in names})

@@ -1,0 +1,48 @@
+"""mmctx.benchmark: the training step trains, the training-memory measure
+counts what a step holds, and interleaved timing reports every model."""
+import torch
+import torch.nn as nn
+
+from mmctx.benchmark import (TrainingStep, stage_loss, time_interleaved,
+                             training_memory_bytes)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+
+
+def test_training_step_updates_weights_and_bn_statistics():
+    net = _net()
+    before = [p.detach().clone() for p in net.parameters()]
+    mean_before = net[1].running_mean.clone()
+    step = TrainingStep(net, lr=0.1)
+    loss = step(torch.randn(2, 3, 8, 8))
+    assert loss.ndim == 0 and net.training
+    assert all(not torch.equal(a, b) for a, b in zip(before,
+                                                      net.parameters()))
+    assert not torch.equal(mean_before, net[1].running_mean)
+
+
+def test_training_memory_counts_state_and_saved_activations():
+    net = _net()
+    params = sum(p.numel() for p in net.parameters())
+    small = training_memory_bytes(net, torch.randn(1, 3, 16, 16))
+    large = training_memory_bytes(net, torch.randn(2, 3, 16, 16))
+    state = 3 * 4 * params  # weight, gradient, momentum in float32
+    assert small > state
+    # activations scale with the batch, the state does not (BN's per-channel
+    # batch statistics are the only other saved tensors); saved per image:
+    # the input (conv1), conv1's output (BN), ReLU's output (ReLU and conv2,
+    # one storage) and conv2's output (the loss's square), all float32
+    per_image = large - small
+    assert 0 <= (small - state) - per_image <= 4 * 8 * 4
+    assert per_image == 4 * 16 * 16 * (3 + 8 + 8 + 4)
+
+
+def test_time_interleaved_reports_medians_for_every_callable():
+    calls = {'a': lambda x: x + 1, 'b': lambda x: stage_loss((x, x))}
+    wall, cpu = time_interleaved(calls, torch.ones(4), warmup=1, repeats=3)
+    assert set(wall) == set(cpu) == {'a', 'b'}
+    assert all(v >= 0 for v in wall.values())
