@@ -26,9 +26,10 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
             rows[cells[0]] = cells
     assert list(rows) == NAMES  # all 8 backbones, in order
     # model | params (M) | Δparams | GFLOPs | Δ% FLOPs | ms | ratio | CPU
+    # | train ms | train ratio | train MiB | memory ratio
     r50 = rows['R50']
     assert r50[2] == '+0' and r50[4] == '+0.00%'
-    assert r50[6] == '1.00' and r50[7] == '1.00'
+    assert r50[6] == r50[7] == r50[9] == r50[11] == '1.000'
     # SPEC §2: SB-ResNet-50 25,986,620 vs ResNet-50 25,557,032 (same fc).
     assert rows['SB-R50'][2] == '+429,588'
     assert rows['GE-θ⁻-R50'][2] == '+0'
@@ -37,4 +38,9 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
     assert rows['GE-θ⁺-R50'][2] == f'{33_637_592 - 25_557_032:+,}'
     for cells in rows.values():
         assert float(cells[1]) > 23 and float(cells[3]) > 0
-        assert all(float(v) > 0 for v in cells[5:8])
+        assert len(cells) == 12
+        assert all(float(v) > 0 for v in cells[5:12])
+    # every context module holds more than the plain network in training
+    # (its parameters and the activations it saves); GE-θ⁻ adds no weights
+    for name in NAMES[1:]:
+        assert float(rows[name][11]) > 1.0, rows[name]
