@@ -18,9 +18,7 @@ noise hits all of them alike. Training memory: see
 import argparse
 import os
 import shlex
-import statistics
 import sys
-import time
 from collections import defaultdict
 
 import torch
