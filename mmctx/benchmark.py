@@ -20,6 +20,29 @@ from collections import defaultdict
 
 import torch
 
+# The backbones the cost tools compare, as registry configs. mmdet 3.3.0
+# ships no NonLocal config; NL sits like GCNet's ContextBlock, after conv3
+# (on the residual branch) of every block of the chosen stages.
+R50 = dict(type='mmdet.ResNet', depth=50)
+NL = dict(type='NonLocal2d', reduction=4, use_scale=True,
+          mode='embedded_gaussian')
+GC = dict(type='ContextBlock', ratio=1. / 16)  # mmdet configs/gcnet, r16
+BACKBONES = {
+    'R50': R50,
+    'SB-R50': dict(type='SBResNet', depth=50),
+    'GE-θ⁻-R50': dict(type='GEResNet', depth=50,
+                      ge=dict(variant='parameter_free', extent='global')),
+    'GE-θ-R50': dict(type='GEResNet', depth=50,
+                     ge=dict(variant='depthwise', extent='global')),
+    'GE-θ⁺-R50': dict(type='GEResNet', depth=50,
+                      ge=dict(variant='depthwise_excite', extent='global')),
+    'PSI-R50': dict(type='PSIResNet', depth=50),
+    'NL-R50 (c4)': dict(R50, plugins=[dict(
+        cfg=NL, stages=(False, False, True, False), position='after_conv3')]),
+    'GC-R50 (r16, c3-c5)': dict(R50, plugins=[dict(
+        cfg=GC, stages=(False, True, True, True), position='after_conv3')]),
+}
+
 
 def stage_loss(outputs):
     """A scalar that depends on every stage output (their mean squares)."""
@@ -129,3 +152,30 @@ def time_interleaved(calls, x, warmup=1, repeats=5, sync=None):
                 cpu[name].append((time.process_time() - start_cpu) * 1e3)
     return ({n: statistics.median(wall[n]) for n in names},
             {n: statistics.median(cpu[n]) for n in names})
+
+
+def op_self_times(call, x, repeats=3):
+    """Median self CPU time in ms of each profiler event (aten op, autograd
+    node, optimizer step) over ``repeats`` profiled calls of ``call(x)``,
+    after one unprofiled warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+    call(x)
+    runs = defaultdict(list)
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            call(x)
+        totals = defaultdict(float)
+        for event in prof.key_averages():
+            totals[event.key] += event.self_cpu_time_total / 1e3
+        for key in set(totals) | set(runs):
+            runs[key].append(totals.get(key, 0.0))
+    return {key: statistics.median(v + [0.0] * (repeats - len(v)))
+            for key, v in runs.items()}
+
+
+def op_time_difference(times, base):
+    """(op, ms in ``times``, ms more than in ``base``) for every op,
+    largest difference first: where a model's extra time goes."""
+    rows = [(op, ms, ms - base.get(op, 0.0)) for op, ms in times.items()]
+    rows += [(op, 0.0, -ms) for op, ms in base.items() if op not in times]
+    return sorted(rows, key=lambda row: -row[2])

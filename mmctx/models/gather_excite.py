@@ -10,6 +10,7 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
+from .gating import channel_dot, channel_gate, global_mean_gate
 from .utils import (check_choice, check_init_cfg, check_layer_cfg,
                     check_positive_int, check_size, normalize, resample_to,
                     size_generic_path)
@@ -161,17 +162,50 @@ class GatherExcite(BaseModule):
         cols = torch.arange(x.shape[-1], device=x.device) // self.extent
         return gate.index_select(2, rows).index_select(3, cols)
 
+    def _global_dot(self, x):
+        """The global depthwise gather without its norm: each channel of
+        ``x``, resampled to ``feature_size``, dotted with its kernel.
+
+        A depthwise conv whose kernel covers the map is a per-channel dot
+        product, several times faster on CPU as one. Away from the
+        reference size, with a kernel autograd does not train (inference),
+        the resampling is moved onto the kernel: average pooling is linear,
+        so ``<pool(x), k> = <x, pool^T(k)>``, and ``pool^T(k)`` (one map per
+        channel, cached per input size until the weight changes) replaces a
+        pooling pass over every image.
+        """
+        kernel = self.gather.weight.squeeze(1)
+        # (size_generic_path first: a comparison of symbolic sizes would
+        # make torch.export specialise the graph to one size)
+        if size_generic_path(x) or tuple(x.shape[-2:]) == self.feature_size \
+                or (torch.is_grad_enabled() and kernel.requires_grad) \
+                or torch.jit.is_tracing():  # FLOP counting: the pooling
+            return channel_dot(resample_to(x, self.feature_size), kernel)
+        return channel_dot(x, self._resampled_kernel(kernel, x))
+
+    def _resampled_kernel(self, kernel, x):
+        weight = self.gather.weight
+        key = (tuple(x.shape[-2:]), x.dtype, x.device, weight.data_ptr(),
+               weight._version)
+        cached = self.__dict__.get('_kernel_cache')
+        if cached is None or cached[0] != key:
+            with torch.enable_grad():
+                probe = kernel.new_zeros((1, *x.shape[1:]),
+                                         requires_grad=True)
+                pooled = F.adaptive_avg_pool2d(probe, self.feature_size)
+                resampled, = torch.autograd.grad(pooled, probe,
+                                                 kernel.detach()[None])
+            cached = (key, resampled[0].to(x.dtype))
+            self.__dict__['_kernel_cache'] = cached
+        return cached[1]
+
     def _gather(self, x):
         if self.variant == 'parameter_free':
             if self.extent == 'global':
                 return x.mean((2, 3), keepdim=True)
             return self._window_mean(x)
         if self.extent == 'global':
-            # A depthwise conv whose kernel covers the map is a per-channel
-            # dot product; einsum computes it several times faster on CPU.
-            x = resample_to(x, self.feature_size)
-            weight = self.gather.weight.squeeze(1)
-            context = torch.einsum('bchw,chw->bc', x, weight)
+            context = self._global_dot(x)
             return normalize(self.gather_norms[0], context[..., None, None])
         for i, (conv, norm) in enumerate(zip(self.gather, self.gather_norms)):
             if i:
@@ -179,11 +213,40 @@ class GatherExcite(BaseModule):
             x = normalize(norm, conv(x))
         return x
 
+    def forward_after_norm(self, x, norm):
+        """``self(norm(x))`` for an eval-mode, affine BatchNorm ``norm``, with
+        the norm folded into the gate (inference only; global extent).
+
+        The norm is a per-channel affine map ``a x + b``, so its output's
+        gathered context follows from ``x``'s (a mean or a kernel sum is
+        linear, and resampling keeps constants) and the gated output
+        ``(a x + b) g`` is one multiply-add over ``x``: the separate pass of
+        the norm over the map is saved. Equal to ``self(norm(x))`` up to
+        float rounding.
+        """
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        shift = norm.bias - norm.running_mean * scale
+        if self.variant == 'parameter_free':
+            context = x.mean((2, 3)) * scale + shift
+        else:
+            kernel = self.gather.weight.squeeze(1)
+            context = self._global_dot(x) * scale + shift * kernel.sum((1, 2))
+            context = normalize(self.gather_norms[0],
+                                context[..., None, None])
+        context = context.view(*x.shape[:2], 1, 1)
+        if self.variant == 'depthwise_excite':
+            context = self.excite(F.relu(context))
+        gate = context.sigmoid()
+        return torch.addcmul(shift.view(1, -1, 1, 1) * gate, x,
+                             scale.view(1, -1, 1, 1) * gate)
+
     def forward(self, x):
+        if self.variant == 'parameter_free' and self.extent == 'global':
+            return global_mean_gate(x)  # one fused op in training
         context = self._gather(x)
         if self.variant == 'depthwise_excite':
             context = self.excite(F.relu(context))
         gate = context.sigmoid()
         if self.extent != 'global':
-            gate = self._expand(gate, x)
-        return x * gate
+            return x * self._expand(gate, x)
+        return channel_gate(x, gate)

@@ -3,14 +3,14 @@ Networks", https://arxiv.org/abs/2302.12505)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmcv.cnn import build_conv_layer, build_norm_layer
+from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
 from .utils import (adaptive_avg_pool2d_generic, adaptive_max_pool2d_generic,
                     built_as_plugin, check_choice, check_init_cfg,
-                    check_layer_cfg, check_positive_int, normalize,
-                    size_generic_path)
+                    build_pointwise_conv, check_layer_cfg,
+                    check_positive_int, normalize, size_generic_path)
 
 
 @MODELS.register_module()
@@ -91,8 +91,8 @@ class SpatialBias(BaseModule):
             else in_channels
 
         # k + 2 maps: the unpadded kernel-3 Conv1d below eats two of them.
-        self.squeeze = build_conv_layer(
-            conv_cfg, in_channels, num_bias + 2, kernel_size=1, bias=False)
+        self.squeeze = build_pointwise_conv(conv_cfg, in_channels,
+                                            num_bias + 2, bias=False)
         self.norm = build_norm_layer(norm_cfg, num_bias + 2)[1]
         self.pool = nn.AdaptiveAvgPool2d(pool_size) if pool_type == 'avg' \
             else nn.AdaptiveMaxPool2d(pool_size)

@@ -275,6 +275,58 @@ def resample_to(x, size):
     return F.adaptive_avg_pool2d(x, size)
 
 
+class PointwiseConv2d(torch.nn.Conv2d):
+    """``nn.Conv2d`` (same arguments, parameters and state dict) whose 1x1
+    inference on CPU is one matrix product per image.
+
+    oneDNN's CPU conv copies an NCHW input to a blocked layout and back, a
+    full pass over the map that for a 1x1 conv costs about as much as the
+    product (more at the odd widths SB gives conv3, 67 / 131 / 259
+    channels). ``weight @ x.view(C, H*W)`` reads the map as it is. Only
+    where autograd does not record (inference): the batched product's
+    weight gradient is slower than the conv's. Strided or padded convs,
+    channels_last or non-CPU inputs and traced / exported graphs use the
+    conv; both paths give the same result up to float rounding.
+    """
+
+    def forward(self, x):
+        if self.kernel_size != (1, 1) or self.stride != (1, 1) \
+                or self.padding not in ((0, 0), 'valid') or self.groups != 1 \
+                or x.dim() != 4 or x.device.type != 'cpu' \
+                or not x.is_contiguous() or size_generic_path(x) \
+                or (torch.is_grad_enabled() and (
+                    x.requires_grad or self.weight.requires_grad)):
+            return super().forward(x)
+        out = pointwise_product(self.weight, x)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+
+def pointwise_product(weight, x):
+    """A 1x1 conv without bias, ``weight`` (O, C, 1, 1) on ``x`` (B, C, H,
+    W), as one GEMM per image with a contiguous (B, O, H, W) result.
+    (``torch.matmul`` would fold the batch into the rows and return a
+    transposed result whose copy to NCHW costs more than the product.)"""
+    batch, channels, height, width = x.shape
+    weight = weight.reshape(-1, channels)
+    maps = x.view(batch, channels, height * width)
+    out = torch.mm(weight, maps[0])[None] if batch == 1 else torch.bmm(
+        weight.expand(batch, -1, -1), maps)
+    return out.view(batch, -1, height, width)
+
+
+def build_pointwise_conv(conv_cfg, in_channels, out_channels, bias):
+    """A 1x1 conv from ``conv_cfg``; the default (None or plain Conv2d) is
+    a :class:`PointwiseConv2d`."""
+    if conv_cfg is None or conv_cfg == dict(type='Conv2d') \
+            or conv_cfg == dict(type='Conv'):
+        return PointwiseConv2d(in_channels, out_channels, 1, bias=bias)
+    from mmcv.cnn import build_conv_layer
+    return build_conv_layer(conv_cfg, in_channels, out_channels,
+                            kernel_size=1, bias=bias)
+
+
 def built_as_plugin(max_depth=4):
     """Whether the module under construction is being built by mmcv's
     ``build_plugin_layer``, i.e. as a stock ResNet plugin.

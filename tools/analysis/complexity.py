@@ -31,31 +31,11 @@ from mmengine.registry import MODELS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import mmctx  # noqa: E402,F401  (registers SBResNet, GEResNet, PSIResNet)
-from mmctx.benchmark import (TrainingStep, cuda_training_memory_bytes,  # noqa: E402,E501
-                             time_interleaved, training_memory_bytes)
+from mmctx.benchmark import (BACKBONES, TrainingStep,  # noqa: E402
+                             cuda_training_memory_bytes, time_interleaved,
+                             training_memory_bytes)
 from mmctx.models.utils import size_generic  # noqa: E402
 
-R50 = dict(type='mmdet.ResNet', depth=50)
-# mmdet 3.3.0 ships no NonLocal config; NL sits like GCNet's ContextBlock,
-# after conv3 (on the residual branch) of every block of the chosen stages.
-NL = dict(type='NonLocal2d', reduction=4, use_scale=True,
-          mode='embedded_gaussian')
-GC = dict(type='ContextBlock', ratio=1. / 16)  # mmdet configs/gcnet, r16
-BACKBONES = {
-    'R50': R50,
-    'SB-R50': dict(type='SBResNet', depth=50),
-    'GE-θ⁻-R50': dict(type='GEResNet', depth=50,
-                      ge=dict(variant='parameter_free', extent='global')),
-    'GE-θ-R50': dict(type='GEResNet', depth=50,
-                     ge=dict(variant='depthwise', extent='global')),
-    'GE-θ⁺-R50': dict(type='GEResNet', depth=50,
-                      ge=dict(variant='depthwise_excite', extent='global')),
-    'PSI-R50': dict(type='PSIResNet', depth=50),
-    'NL-R50 (c4)': dict(R50, plugins=[dict(
-        cfg=NL, stages=(False, False, True, False), position='after_conv3')]),
-    'GC-R50 (r16, c3-c5)': dict(R50, plugins=[dict(
-        cfg=GC, stages=(False, True, True, True), position='after_conv3')]),
-}
 # Averages mmengine leaves uncounted (GE-θ⁻'s gather): one add per input
 # element, like mmengine's own adaptive_avg_pool2d handle.
 EXTRA_FLOP_HANDLES = {

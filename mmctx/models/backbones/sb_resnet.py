@@ -1,13 +1,13 @@
 """SB-ResNet: ResNet whose bottlenecks concatenate Spatial Bias maps to
 conv2's output (Go & Ryu, https://arxiv.org/abs/2302.12505)."""
 import torch
-from mmcv.cnn import build_conv_layer, build_norm_layer
+from mmcv.cnn import build_norm_layer
 from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
 
 from ..spatial_bias import SpatialBias
-from ..utils import (check_choice, check_int, check_positive_int,
-                     check_stage_flags)
+from ..utils import (build_pointwise_conv, check_choice, check_int,
+                     check_positive_int, check_stage_flags)
 from .context_resnet import ContextResNet, check_plugin_cfg, check_plugins
 from .pretrained_slices import (editable_pretrained_slices,
                                 split_pretrained_slices)
@@ -55,12 +55,10 @@ class SBBottleneck(Bottleneck):
         self.norm2_name, norm2 = build_norm_layer(
             self.norm_cfg, channels, postfix=2)
         self.add_module(self.norm2_name, norm2)
-        self.conv3 = build_conv_layer(
-            self.conv_cfg,
-            channels,
-            self.planes * self.expansion,
-            kernel_size=1,
-            bias=False)
+        # Inference runs it as a GEMM on CPU (PointwiseConv2d): oneDNN's
+        # conv is slowest at such odd widths.
+        self.conv3 = build_pointwise_conv(
+            self.conv_cfg, channels, self.planes * self.expansion, bias=False)
         if self.with_plugins:
             for name in self.after_conv2_plugin_names:
                 delattr(self, name)

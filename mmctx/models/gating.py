@@ -1,0 +1,136 @@
+"""Gating multiplies with hand-written backward passes.
+
+A gate ``g`` that broadcasts over a feature map ``x`` (one value per image
+and channel) is what GE applies, ``x * g``. Autograd's backward of that
+product materialises ``grad * x`` as a full map before summing it to the
+gate's shape, and a global mean in front of the gate adds another full map
+(the mean's expanded gradient) and a third pass to add it to ``x``'s
+gradient. These functions compute the same gradients with the reductions
+done as dot products (no full-size temporaries) and, for GE-θ⁻, ``x``'s
+whole gradient in one pass. Results equal autograd's up to float rounding
+(``tests/test_gating.py``); traced and exported graphs use the plain ops
+(``size_generic_path``).
+"""
+import torch
+
+from .utils import size_generic_path
+
+
+# Above this size a temporary map is a fresh allocation whose page faults
+# cost more than the product (glibc serves blocks above its mmap threshold,
+# at most 32 MiB, with fresh pages); below it, a product and a sum beat
+# batched dot products.
+_TEMPORARY_LIMIT = 32 << 20
+
+
+def _small(x):
+    return x.numel() * x.element_size() <= _TEMPORARY_LIMIT
+
+
+def _dot_hw(a, b):
+    """sum over H, W of ``a * b``, (B, C, H, W) -> (B, C, 1, 1). Small
+    maps: the product and a sum; large ones: batched dot products (no
+    (B, C, H, W) temporary)."""
+    if _small(a):
+        return (a * b).sum((2, 3), keepdim=True)
+    batch, channels = a.shape[:2]
+    a = a.reshape(batch * channels, 1, -1)
+    b = b.reshape(batch * channels, -1, 1)
+    return torch.bmm(a, b).view(batch, channels, 1, 1)
+
+
+class _ChannelGate(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, gate):
+        ctx.save_for_backward(x, gate)
+        return x * gate
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate = ctx.saved_tensors
+        grad_x = (grad * gate).to(x.dtype) \
+            if ctx.needs_input_grad[0] else None
+        grad_gate = _dot_hw(grad.contiguous(), x.to(grad.dtype)).to(
+            gate.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_gate
+
+
+class _ChannelDot(torch.autograd.Function):
+    """(B, C, H, W) x (C, H, W) -> (B, C): each channel's dot product with
+    its own kernel, i.e. a depthwise conv whose kernel covers the map. The
+    input's gradient comes out contiguous (autograd's einsum backward gives
+    a channel-major one, which every layer below then pays for)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        if _small(x):
+            return (x * weight).sum((2, 3))
+        return torch.einsum('bchw,chw->bc', x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad[..., None, None] * weight).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad = grad.to(x.dtype)
+            if x.shape[0] == 1:
+                grad_weight = grad.view(-1, 1, 1) * x[0]
+            elif _small(x):
+                grad_weight = (grad[..., None, None] * x).sum(0)
+            else:
+                grad_weight = torch.einsum('bc,bchw->chw', grad, x)
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_x, grad_weight
+
+
+class _GlobalMeanGate(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x):
+        gate = x.mean((2, 3), keepdim=True).sigmoid()
+        ctx.save_for_backward(x, gate)
+        return x * gate
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate = ctx.saved_tensors
+        area = x.shape[2] * x.shape[3]
+        # d/dx_i of x_i * s(m) with m = mean(x): s(m) + <grad, x> s'(m) / area
+        # for every pixel i of the channel.
+        grad = grad.contiguous()
+        grad_mean = _dot_hw(grad, x.to(grad.dtype)) * (
+            gate * (1 - gate)) / area
+        return torch.addcmul(grad_mean, grad, gate).to(x.dtype)
+
+
+def _fused(x, *tensors):
+    """Whether to use the hand-written backward: only when autograd records
+    (eager, 4-D maps; traced and exported graphs keep the plain ops)."""
+    return torch.is_grad_enabled() and x.dim() == 4 \
+        and any(t.requires_grad for t in (x, *tensors)) \
+        and not size_generic_path(x)
+
+
+def channel_gate(x, gate):
+    """``x * gate`` for a (B, C, H, W) map and a (B, C, 1, 1) gate."""
+    if _fused(x, gate) and gate.shape == (*x.shape[:2], 1, 1):
+        return _ChannelGate.apply(x, gate)
+    return x * gate
+
+
+def channel_dot(x, weight):
+    """``einsum('bchw,chw->bc', x, weight)`` with contiguous gradients."""
+    if _fused(x, weight) and weight.shape == x.shape[1:]:
+        return _ChannelDot.apply(x, weight)
+    return torch.einsum('bchw,chw->bc', x, weight)
+
+
+def global_mean_gate(x):
+    """``x * sigmoid(mean_HW(x))`` (GE-θ⁻ with a global extent)."""
+    if _fused(x):
+        return _GlobalMeanGate.apply(x)
+    return x * x.mean((2, 3), keepdim=True).sigmoid()
