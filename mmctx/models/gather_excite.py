@@ -164,40 +164,11 @@ class GatherExcite(BaseModule):
 
     def _global_dot(self, x):
         """The global depthwise gather without its norm: each channel of
-        ``x``, resampled to ``feature_size``, dotted with its kernel.
-
-        A depthwise conv whose kernel covers the map is a per-channel dot
-        product, several times faster on CPU as one. Away from the
-        reference size, with a kernel autograd does not train (inference),
-        the resampling is moved onto the kernel: average pooling is linear,
-        so ``<pool(x), k> = <x, pool^T(k)>``, and ``pool^T(k)`` (one map per
-        channel, cached per input size until the weight changes) replaces a
-        pooling pass over every image.
-        """
-        kernel = self.gather.weight.squeeze(1)
-        # (size_generic_path first: a comparison of symbolic sizes would
-        # make torch.export specialise the graph to one size)
-        if size_generic_path(x) or tuple(x.shape[-2:]) == self.feature_size \
-                or (torch.is_grad_enabled() and kernel.requires_grad) \
-                or torch.jit.is_tracing():  # FLOP counting: the pooling
-            return channel_dot(resample_to(x, self.feature_size), kernel)
-        return channel_dot(x, self._resampled_kernel(kernel, x))
-
-    def _resampled_kernel(self, kernel, x):
-        weight = self.gather.weight
-        key = (tuple(x.shape[-2:]), x.dtype, x.device, weight.data_ptr(),
-               weight._version)
-        cached = self.__dict__.get('_kernel_cache')
-        if cached is None or cached[0] != key:
-            with torch.enable_grad():
-                probe = kernel.new_zeros((1, *x.shape[1:]),
-                                         requires_grad=True)
-                pooled = F.adaptive_avg_pool2d(probe, self.feature_size)
-                resampled, = torch.autograd.grad(pooled, probe,
-                                                 kernel.detach()[None])
-            cached = (key, resampled[0].to(x.dtype))
-            self.__dict__['_kernel_cache'] = cached
-        return cached[1]
+        ``x``, resampled to ``feature_size``, dotted with its kernel (a
+        depthwise conv whose kernel covers the map is a per-channel dot
+        product, several times faster on CPU as one)."""
+        return channel_dot(resample_to(x, self.feature_size),
+                           self.gather.weight.squeeze(1))
 
     def _gather(self, x):
         if self.variant == 'parameter_free':

@@ -7,8 +7,8 @@ from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
 from .utils import (check_init_cfg, check_positive_int, check_real,
-                    check_size, pointwise_product, resample_to,
-                    size_generic_path)
+                    check_size, gemm_applies, pointwise_product,
+                    resample_to, size_generic_path)
 
 
 @MODELS.register_module()
@@ -108,13 +108,13 @@ class PatchSpatialInteraction(BaseModule):
             # the map's area (> 1, a memory-format check); a weighted
             # channel sum computes the same map without it.
             maps = (x * weight.view(1, -1, 1, 1)).sum(1, keepdim=True)
-        elif generic or not x.is_contiguous():
-            maps = F.conv2d(x, weight)
-        else:
-            # The same 1x1 conv as one matrix product per image: it reads
-            # the NCHW map as it is, where oneDNN's conv first copies it to
-            # a blocked layout (a full pass, for an output of a few maps).
+        elif gemm_applies(x):
+            # The same 1x1 conv as one GEMM per image: it reads the NCHW
+            # map as it is, where oneDNN's conv first copies it to a
+            # blocked layout (a full pass, for an output of a few maps).
             maps = pointwise_product(weight, x)
+        else:
+            maps = F.conv2d(x, weight)
         maps = resample_to(maps, self.feature_size)
         maps = maps.reshape(-1, ph, pw, gh, ph, gw, pw)
         # Map (i, j) contributes its pixels at offset (i, j) of each patch.

@@ -277,25 +277,21 @@ def resample_to(x, size):
 
 class PointwiseConv2d(torch.nn.Conv2d):
     """``nn.Conv2d`` (same arguments, parameters and state dict) whose 1x1
-    inference on CPU is one matrix product per image.
+    conv on CPU is one GEMM per image, forward and backward.
 
     oneDNN's CPU conv copies an NCHW input to a blocked layout and back, a
     full pass over the map that for a 1x1 conv costs about as much as the
-    product (more at the odd widths SB gives conv3, 67 / 131 / 259
-    channels). ``weight @ x.view(C, H*W)`` reads the map as it is. Only
-    where autograd does not record (inference): the batched product's
-    weight gradient is slower than the conv's. Strided or padded convs,
-    channels_last or non-CPU inputs and traced / exported graphs use the
-    conv; both paths give the same result up to float rounding.
+    product, and more at the odd widths SB gives conv3 (67 / 131 / 259
+    input channels). ``weight @ x.view(C, H*W)`` reads the map as it is
+    (:func:`pointwise_product`). Strided or padded convs, channels_last,
+    autocast or non-CPU inputs and traced / exported graphs use the conv;
+    both paths give the same result up to float rounding.
     """
 
     def forward(self, x):
         if self.kernel_size != (1, 1) or self.stride != (1, 1) \
                 or self.padding not in ((0, 0), 'valid') or self.groups != 1 \
-                or x.dim() != 4 or x.device.type != 'cpu' \
-                or not x.is_contiguous() or size_generic_path(x) \
-                or (torch.is_grad_enabled() and (
-                    x.requires_grad or self.weight.requires_grad)):
+                or not gemm_applies(x):
             return super().forward(x)
         out = pointwise_product(self.weight, x)
         if self.bias is not None:
@@ -303,17 +299,52 @@ class PointwiseConv2d(torch.nn.Conv2d):
         return out
 
 
+def gemm_applies(x):
+    """Whether :func:`pointwise_product` may replace a 1x1 conv on ``x``:
+    an eager, contiguous NCHW float map on CPU without autocast."""
+    return x.dim() == 4 and x.device.type == 'cpu' and x.is_contiguous() \
+        and not torch.is_autocast_enabled('cpu') and not size_generic_path(x)
+
+
+class _PointwiseProduct(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, weight, x):
+        ctx.save_for_backward(weight, x)
+        batch, channels, height, width = x.shape
+        weight = weight.reshape(-1, channels)
+        maps = x.view(batch, channels, height * width)
+        out = torch.mm(weight, maps[0])[None] if batch == 1 else torch.bmm(
+            weight.expand(batch, -1, -1), maps)
+        return out.view(batch, -1, height, width)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, x = ctx.saved_tensors
+        batch, channels = x.shape[:2]
+        flat = weight.reshape(-1, channels)
+        maps = x.view(batch, channels, -1)
+        grad = grad.contiguous().view(batch, flat.shape[0], -1)
+        grad_weight = grad_x = None
+        if ctx.needs_input_grad[0]:
+            # sum over images of grad_b @ x_b^T (x read transposed in place)
+            grad_weight = torch.bmm(grad, maps.transpose(1, 2)).sum(0) \
+                if batch > 1 else torch.mm(grad[0], maps[0].t())
+            grad_weight = grad_weight.view_as(weight)
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.bmm(flat.t().expand(batch, -1, -1), grad) \
+                if batch > 1 else torch.mm(flat.t(), grad[0])[None]
+            grad_x = grad_x.view_as(x)
+        return grad_weight, grad_x
+
+
 def pointwise_product(weight, x):
     """A 1x1 conv without bias, ``weight`` (O, C, 1, 1) on ``x`` (B, C, H,
-    W), as one GEMM per image with a contiguous (B, O, H, W) result.
-    (``torch.matmul`` would fold the batch into the rows and return a
-    transposed result whose copy to NCHW costs more than the product.)"""
-    batch, channels, height, width = x.shape
-    weight = weight.reshape(-1, channels)
-    maps = x.view(batch, channels, height * width)
-    out = torch.mm(weight, maps[0])[None] if batch == 1 else torch.bmm(
-        weight.expand(batch, -1, -1), maps)
-    return out.view(batch, -1, height, width)
+    W, contiguous), as one GEMM per image with a contiguous (B, O, H, W)
+    result; its backward is two GEMMs per image. (``torch.matmul`` would
+    fold the batch into the rows and return a transposed result whose copy
+    to NCHW costs more than the product.)"""
+    return _PointwiseProduct.apply(weight, x)
 
 
 def build_pointwise_conv(conv_cfg, in_channels, out_channels, bias):
