@@ -109,10 +109,11 @@ class _GlobalMeanGate(torch.autograd.Function):
 
 def _fused(x, *tensors):
     """Whether to use the hand-written backward: only when autograd records
-    (eager, 4-D maps; traced and exported graphs keep the plain ops)."""
+    (eager, 4-D maps; traced and exported graphs, FLOP counters included,
+    keep the plain ops)."""
     return torch.is_grad_enabled() and x.dim() == 4 \
         and any(t.requires_grad for t in (x, *tensors)) \
-        and not size_generic_path(x)
+        and not size_generic_path(x) and not torch.jit.is_tracing()
 
 
 def channel_gate(x, gate):

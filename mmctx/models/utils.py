@@ -301,9 +301,10 @@ class PointwiseConv2d(torch.nn.Conv2d):
 
 def gemm_applies(x):
     """Whether :func:`pointwise_product` may replace a 1x1 conv on ``x``:
-    an eager, contiguous NCHW float map on CPU without autocast."""
+    an eager (untraced), contiguous NCHW map on CPU without autocast."""
     return x.dim() == 4 and x.device.type == 'cpu' and x.is_contiguous() \
-        and not torch.is_autocast_enabled('cpu') and not size_generic_path(x)
+        and not torch.is_autocast_enabled('cpu') and not size_generic_path(x) \
+        and not torch.jit.is_tracing()  # FLOP counters trace the conv
 
 
 class _PointwiseProduct(torch.autograd.Function):

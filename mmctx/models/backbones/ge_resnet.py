@@ -31,7 +31,8 @@ class GEBottleneck(Bottleneck):
 
     def _can_fold_norm3(self, x):
         if self.training or torch.is_grad_enabled() or not self.with_plugins \
-                or not self.after_conv3_plugin_names or size_generic_path(x):
+                or not self.after_conv3_plugin_names or size_generic_path(x) \
+                or torch.jit.is_tracing():  # FLOP counters: the plain ops
             return False
         norm = getattr(self, self.norm3_name)
         gate = getattr(self, self.after_conv3_plugin_names[0])
