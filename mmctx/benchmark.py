@@ -43,6 +43,10 @@ BACKBONES = {
         cfg=GC, stages=(False, True, True, True), position='after_conv3')]),
 }
 
+# A second, identical R50 (``--models 'R50 (again)'``): its ratio to R50 in
+# the same run is the measurement's noise.
+CONTROLS = {'R50 (again)': R50}
+
 
 def stage_loss(outputs):
     """A scalar that depends on every stage output (their mean squares)."""

@@ -31,7 +31,7 @@ from mmengine.registry import MODELS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import mmctx  # noqa: E402,F401  (registers SBResNet, GEResNet, PSIResNet)
-from mmctx.benchmark import (BACKBONES, TrainingStep,  # noqa: E402
+from mmctx.benchmark import (BACKBONES, CONTROLS, TrainingStep,  # noqa: E402
                              cuda_training_memory_bytes, time_interleaved,
                              training_memory_bytes)
 from mmctx.models.utils import size_generic  # noqa: E402
@@ -62,8 +62,11 @@ def parse_args():
                    help='channels_last memory format for models and input')
     p.add_argument('--no-train', action='store_true',
                    help='skip the training-step time and memory columns')
-    p.add_argument('--models', nargs='+', choices=list(BACKBONES),
-                   help='a subset of the models (R50 is always included)')
+    p.add_argument('--models', nargs='+',
+                   choices=list(BACKBONES) + list(CONTROLS),
+                   help='a subset of the models (R50 is always included); '
+                   "'R50 (again)' adds a second R50, whose ratio is the "
+                   'noise of the measurement')
     p.add_argument('--out', help='also write the Markdown report here')
     args = p.parse_args()
     if args.device == 'cuda' and not torch.cuda.is_available():
@@ -135,8 +138,29 @@ def table(shape, batch, params, flops, latency, cpu, uncounted, train=None,
     return lines
 
 
+# glibc's malloc returns a freed block above its mmap threshold to the OS
+# and faults fresh pages in for the next one: at 800x1216 every activation
+# of a training step is such a block, and the heap fragments besides (14 GB
+# resident for 5 GB of live tensors). Timings then depend on what the
+# previously timed model left behind, by up to 30% in one run. With the
+# thresholds at their maximum the heap keeps and reuses freed blocks, the
+# steady state of a long training job (or of jemalloc / tcmalloc).
+MALLOC_TUNABLES = ('glibc.malloc.mmap_threshold=4294967295:'
+                   'glibc.malloc.trim_threshold=4294967295')
+
+
+def use_steady_heap():
+    """Re-run this process with MALLOC_TUNABLES unless the caller chose
+    GLIBC_TUNABLES (or MMCTX_NO_TUNABLES=1) itself."""
+    if 'GLIBC_TUNABLES' in os.environ or os.environ.get('MMCTX_NO_TUNABLES'):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
 def main():
     args = parse_args()
+    use_steady_heap()
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(args.threads or cores)
     if args.shape:
@@ -153,7 +177,7 @@ def main():
     chosen = ['R50'] + [n for n in (args.models or BACKBONES) if n != 'R50']
     models = {}
     for name in chosen:
-        model = MODELS.build(BACKBONES[name])
+        model = MODELS.build({**BACKBONES, **CONTROLS}[name])
         model.init_weights()
         model.to(device=device, memory_format=fmt)
         model.eval()  # mmdet's ResNet.train() returns None
@@ -166,7 +190,8 @@ def main():
         '# Backbone complexity: context modules vs ResNet-50', '',
         f'Command: `{command}`', '',
         f'- torch {torch.__version__}, {torch.get_num_threads()} intra-op '
-        f'threads ({cores} usable cores), CPU: {cpu_model()}'
+        f'threads ({cores} usable cores), CPU: {cpu_model()}, '
+        f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "(unset)")}'
         + (f', GPU: {torch.cuda.get_device_name()}'
            if args.device == 'cuda' else ''),
         '- backbones only (4 stage outputs, no neck/classifier), '
