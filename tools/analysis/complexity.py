@@ -231,6 +231,17 @@ def main():
                 for op in unsupported:
                     uncounted[op].append(name)
                 release_memory()
+        train = memory = None
+        if not args.no_train:
+            # Memory first, on a clean heap (it counts tensors, not pages),
+            # one model at a time, each step's optimizer freed after it.
+            measure = cuda_training_memory_bytes \
+                if args.device == 'cuda' else training_memory_bytes
+            memory = {}
+            for name, model in models.items():
+                memory[name] = measure(model, x, autocast=args.amp)
+                model.zero_grad(set_to_none=True)
+                release_memory()
         load = os.getloadavg()[0]
         for model in models.values():
             model.eval()
@@ -241,21 +252,15 @@ def main():
             latency, cpu = time_interleaved(models, x, args.warmup,
                                             args.repeats, sync)
         release_memory()
-        train = memory = None
         if not args.no_train:
             steps = {n: TrainingStep(m, autocast=args.amp)
                      for n, m in models.items()}
             train, _ = time_interleaved(steps, x, args.warmup, args.repeats,
                                         sync)
             del steps  # their optimizers' momentum buffers
-            release_memory()
-            measure = cuda_training_memory_bytes \
-                if args.device == 'cuda' else training_memory_bytes
-            memory = {}
-            for name, model in models.items():
-                memory[name] = measure(model, x, autocast=args.amp)
+            for model in models.values():
                 model.zero_grad(set_to_none=True)
-                release_memory()
+            release_memory()
         lines += table(shape, batch, params, flops, latency, cpu, uncounted,
                        train, memory)
         lines += [f'1-min load average before / after timing: {load:.2f}'
