@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from mmctx.models import (GatherExcite, GEResNet, PatchSpatialInteraction,
                           SpatialBias)
 from mmctx.models.gating import channel_dot, channel_gate, global_mean_gate
-from mmctx.models.utils import PointwiseConv2d, size_generic
+from mmctx.models.utils import (PointwiseConv2d, pointwise_product,
+                                size_generic)
 
 
 def grads(fn, *inputs):
@@ -154,20 +155,23 @@ def test_spatial_bias_squeeze_as_matmul_equals_conv(fusion):
 
 @pytest.mark.parametrize('batch', [1, 3])
 def test_pointwise_conv_gemm_matches_conv(batch):
-    """PointwiseConv2d's GEMM path gives the conv's output and gradients
-    (input, weight, bias), in training and in inference."""
+    """PointwiseConv2d gives the conv's output and gradients (input,
+    weight, bias) in training, and the same output from its inference
+    GEMM; the GEMM's own backward (used by PSI's squeeze) matches too."""
     torch.manual_seed(0)
     x = torch.randn(batch, 8, 5, 4)
     for bias in (False, True):
         conv = PointwiseConv2d(8, 3, 1, bias=bias)
-        fused = module_grads(conv, x)
-        assert conv(x.double().requires_grad_()).grad_fn.name() != \
-            'ConvolutionBackward0'  # the GEMM ran
+        fused = module_grads(conv, x)  # training: the conv itself
         plain = torch.nn.Conv2d(8, 3, 1, bias=bias)
         plain.load_state_dict(conv.state_dict())
         assert_same(fused, module_grads(plain, x), torch.float64)
         with torch.no_grad():
             torch.testing.assert_close(conv(x.double()), fused[0])
+    weight = torch.randn(3, 8, 1, 1, dtype=torch.float64)
+    assert_same(grads(pointwise_product, weight, x.double()),
+                grads(lambda w, t: F.conv2d(t, w), weight, x.double()),
+                torch.float64)
 
 
 def test_pointwise_conv_falls_back_to_the_conv():

@@ -277,7 +277,7 @@ def resample_to(x, size):
 
 class PointwiseConv2d(torch.nn.Conv2d):
     """``nn.Conv2d`` (same arguments, parameters and state dict) whose 1x1
-    conv on CPU is one GEMM per image, forward and backward.
+    inference on CPU is one GEMM per image.
 
     oneDNN's CPU conv copies an NCHW input to a blocked layout and back, a
     full pass over the map that for a 1x1 conv costs about as much as the
@@ -291,7 +291,12 @@ class PointwiseConv2d(torch.nn.Conv2d):
     def forward(self, x):
         if self.kernel_size != (1, 1) or self.stride != (1, 1) \
                 or self.padding not in ((0, 0), 'valid') or self.groups != 1 \
-                or not gemm_applies(x):
+                or not gemm_applies(x) or (torch.is_grad_enabled() and (
+                    x.requires_grad or self.weight.requires_grad)):
+            # Training keeps the conv: with the GEMM's (equal up to
+            # rounding) gradients the SB probe's 600-iteration run ended at
+            # 38 instead of 100 mIoU (tests/test_context_probe.py); until
+            # that is understood, only inference takes the GEMM.
             return super().forward(x)
         out = pointwise_product(self.weight, x)
         if self.bias is not None:
