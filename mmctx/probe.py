@@ -413,11 +413,15 @@ def probe_config(name, iters=None, work_dir=None, seed=None, cfg_options=None,
     cfg = Config.fromfile(path)
     if iters is not None:
         _check_int('iters', iters, 1)
+        config_iters = cfg.train_cfg.max_iters
         cfg.train_cfg.max_iters = iters
         cfg.train_cfg.val_interval = iters
         cfg.default_hooks.checkpoint.interval = iters
         for sched in cfg.param_scheduler:
-            if sched.get('end', 0) > iters:
+            # A schedule that ran to the config's end runs to the new end
+            # (longer or shorter); a warm-up keeps its length.
+            if sched.get('end', 0) > iters or \
+                    sched.get('end') == config_iters:
                 sched.end = iters
             if sched.get('begin', 0) >= iters:
                 raise ValueError(f'iters={iters} is shorter than the warm-up '

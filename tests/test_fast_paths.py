@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 from mmctx.models import (GatherExcite, GEResNet, PatchSpatialInteraction,
                           SpatialBias)
-from mmctx.models.gating import channel_dot, channel_gate, global_mean_gate
-from mmctx.models.utils import (PointwiseConv2d, pointwise_product,
-                                size_generic)
+from mmctx.models.gating import (channel_dot, channel_gate, channel_gate_add,
+                                 global_mean_gate)
+from mmctx.models.utils import (PointwiseConv2d, adaptive_avg_pool2d_banded,
+                                pointwise_product, size_generic)
 
 
 def grads(fn, *inputs):
@@ -46,6 +47,44 @@ def test_channel_gate_matches_autograd(dtype):
     gate = torch.rand(2, 3, 1, 1, dtype=dtype)
     assert_same(grads(channel_gate, x, gate),
                 grads(lambda a, b: a * b, x, gate), dtype)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('shape', [(2, 3, 5, 7), (1, 4, 1, 1)])
+def test_gates_with_the_residual_add_match_autograd(dtype, shape):
+    """The ``identity + gate(x)`` forms (one addcmul): same output and
+    gradients for x, the gate and the identity as the plain product and
+    add."""
+    x, identity = torch.randn(shape, dtype=dtype), torch.randn(shape,
+                                                               dtype=dtype)
+    gate = torch.rand(*shape[:2], 1, 1, dtype=dtype)
+    assert_same(grads(channel_gate_add, x, gate, identity),
+                grads(lambda a, b, i: i + a * b, x, gate, identity), dtype)
+    assert_same(
+        grads(global_mean_gate, x, identity),
+        grads(lambda a, i: i + a * a.mean((2, 3), True).sigmoid(), x,
+              identity), dtype)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('shape, size', [
+    ((2, 3, 200, 304), (56, 56)),  # GE-θ stage 1 at 800x1216
+    ((1, 2, 25, 38), (7, 7)),  # fewer outputs than one band
+    ((2, 3, 56, 56), (64, 64)),  # PSI at 224: upsampling
+    ((1, 2, 57, 13), (56, 5)),  # odd sizes, one side shrinks
+    ((2, 2, 171, 128), (56, 56)),
+    ((1, 2, 1, 1), (4, 4)),
+    ((3, 40, 56), (56, 64)),  # one side unchanged, 3-D input
+])
+def test_banded_pool_equals_adaptive_avg_pool(dtype, shape, size):
+    """resample_to's banded GEMMs give F.adaptive_avg_pool2d's output and
+    input gradient (float64: to 1e-10; float32: to 1e-5)."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype)
+    fused = grads(lambda t: adaptive_avg_pool2d_banded(t, size), x)
+    assert fused[0].is_contiguous()
+    assert_same(fused, grads(lambda t: F.adaptive_avg_pool2d(t, size), x),
+                dtype)
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
@@ -155,14 +194,16 @@ def test_spatial_bias_squeeze_as_matmul_equals_conv(fusion):
 
 @pytest.mark.parametrize('batch', [1, 3])
 def test_pointwise_conv_gemm_matches_conv(batch):
-    """PointwiseConv2d gives the conv's output and gradients (input,
-    weight, bias) in training, and the same output from its inference
-    GEMM; the GEMM's own backward (used by PSI's squeeze) matches too."""
+    """PointwiseConv2d's GEMM gives the conv's output and gradients (input,
+    weight, bias), in training and in inference; so does the bare
+    pointwise_product (PSI's squeeze)."""
     torch.manual_seed(0)
     x = torch.randn(batch, 8, 5, 4)
     for bias in (False, True):
         conv = PointwiseConv2d(8, 3, 1, bias=bias)
-        fused = module_grads(conv, x)  # training: the conv itself
+        fused = module_grads(conv, x)
+        assert conv(x.double().requires_grad_()).grad_fn.name() != \
+            'ConvolutionBackward0'  # the GEMM ran
         plain = torch.nn.Conv2d(8, 3, 1, bias=bias)
         plain.load_state_dict(conv.state_dict())
         assert_same(fused, module_grads(plain, x), torch.float64)
@@ -230,3 +271,101 @@ def test_ge_resnet_inference_folds_norm3_exactly(variant):
         assert not any(calls)
         for f, p in zip(folded, plain):
             torch.testing.assert_close(f, p.detach(), rtol=1e-4, atol=1e-5)
+
+
+def backbone_grads(net, x):
+    """module_grads for a backbone's tuple of stage outputs."""
+    net.double().zero_grad()
+    x = x.double().requires_grad_()
+    outs = net(x)
+    loss = sum((o * torch.linspace(-1, 2, o.numel(), dtype=o.dtype).view_as(
+        o)).sum() for o in outs)
+    loss.backward()
+    return [o.detach() for o in outs], [x.grad] + [
+        p.grad.clone() for p in net.parameters()
+    ]
+
+
+def _randomise_backbone(net):
+    """Real (non-initial) weights and BN statistics, so every gate and
+    every path carries a signal."""
+    for name, t in net.state_dict().items():
+        if name.endswith('running_var'):
+            t.uniform_(0.5, 2)
+        elif t.is_floating_point() and t.dim() == 1:
+            t.normal_(0, 0.5)
+        elif t.is_floating_point() and t.dim() > 1 and 'conv' not in name \
+                and 'downsample' not in name:
+            t.normal_(0, 0.05)
+
+
+@pytest.mark.parametrize('backbone', [
+    dict(type='GEResNet', ge=dict(variant='parameter_free')),
+    dict(type='GEResNet', ge=dict(variant='depthwise_excite')),
+    dict(type='GEResNet', ge=dict(variant='depthwise', extent=2)),
+    dict(type='PSIResNet', psi=dict(grid_size=4)),
+    dict(type='GEResNet', ge=dict(variant='depthwise'), with_cp=True),
+])
+def test_gated_bottleneck_equals_the_upstream_block(backbone, monkeypatch):
+    """GE / PSI blocks apply the gate and the residual add in one pass
+    (GatedBottleneck); the upstream forward (gate, then ``out +=
+    identity``) gives the same outputs and the same gradients for the input
+    and every parameter, in training and in inference, at the reference
+    size and another one."""
+    from mmengine.registry import MODELS
+
+    from mmctx.models.backbones.gated_bottleneck import GatedBottleneck
+    torch.manual_seed(0)
+    net = MODELS.build(dict(backbone, depth=14, reference_input_size=32))
+    net.init_weights()
+    _randomise_backbone(net)
+    blocks = [m for m in net.modules() if isinstance(m, GatedBottleneck)]
+    assert len(blocks) == 4
+    residual_gate = GatedBottleneck.residual_gate
+    used = []
+
+    def record(block, x):
+        gate = residual_gate(block, x)
+        used.append(gate is not None)
+        return gate
+
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    for mode in (True, False):
+        for size in (32, 40):
+            x = torch.randn(2, 3, size, size)
+            results = []
+            for fused in (True, False):
+                net.load_state_dict(state)
+                net.train(mode)
+                used.clear()
+                monkeypatch.setattr(
+                    GatedBottleneck, 'residual_gate',
+                    record if fused else lambda block, x: None)
+                results.append(backbone_grads(net, x))
+                assert used == ([True] * 4 if fused else [])
+                net.load_state_dict(state)
+                with torch.no_grad():  # inference (GE global: the fold)
+                    results.append(net.double()(x.double()))
+            fused, fused_inference, upstream, upstream_inference = results
+            for a, b in zip(fused[0] + fused[1] + list(fused_inference),
+                            upstream[0] + upstream[1] +
+                            list(upstream_inference)):
+                torch.testing.assert_close(a, b)
+
+
+def test_gated_bottleneck_keeps_a_hooked_gate_on_the_upstream_path():
+    """A forward hook on the gate sees the gate's own output (not the
+    block's sum), so a hooked gate runs the upstream forward."""
+    from mmctx.models import PSIResNet
+    torch.manual_seed(0)
+    net = PSIResNet(depth=14, reference_input_size=32,
+                    psi=dict(grid_size=4)).eval()
+    gate = net.layer1[0].patch_spatial_interaction
+    seen = []
+    # (a clone: the upstream block then adds the identity in place)
+    gate.register_forward_hook(
+        lambda m, i, o: seen.append((i[0].clone(), o.clone())))
+    with torch.no_grad():
+        net(torch.randn(1, 3, 32, 32))
+    (x, out), = seen
+    torch.testing.assert_close(out, gate(x))

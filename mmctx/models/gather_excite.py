@@ -10,7 +10,8 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
-from .gating import channel_dot, channel_gate, global_mean_gate
+from .gating import (channel_dot, channel_gate, channel_gate_add,
+                     global_mean_gate)
 from .utils import (check_choice, check_init_cfg, check_layer_cfg,
                     check_positive_int, check_size, normalize, resample_to,
                     size_generic_path)
@@ -211,13 +212,27 @@ class GatherExcite(BaseModule):
         return torch.addcmul(shift.view(1, -1, 1, 1) * gate, x,
                              scale.view(1, -1, 1, 1) * gate)
 
-    def forward(self, x):
-        if self.variant == 'parameter_free' and self.extent == 'global':
-            return global_mean_gate(x)  # one fused op in training
+    def _gate(self, x):
         context = self._gather(x)
         if self.variant == 'depthwise_excite':
             context = self.excite(F.relu(context))
         gate = context.sigmoid()
+        return gate if self.extent == 'global' else self._expand(gate, x)
+
+    def forward(self, x):
+        if self.variant == 'parameter_free' and self.extent == 'global':
+            return global_mean_gate(x)  # one fused op in training
+        gate = self._gate(x)
         if self.extent != 'global':
-            return x * self._expand(gate, x)
+            return x * gate
         return channel_gate(x, gate)
+
+    def forward_residual(self, x, identity):
+        """``identity + self(x)``, the gate and a residual block's add in
+        one pass over the map (used by the mmctx bottlenecks)."""
+        if self.variant == 'parameter_free' and self.extent == 'global':
+            return global_mean_gate(x, identity)
+        gate = self._gate(x)
+        if self.extent != 'global':
+            return torch.addcmul(identity, x, gate)
+        return channel_gate_add(x, gate, identity)

@@ -7,9 +7,10 @@ gate's shape, and a global mean in front of the gate adds another full map
 (the mean's expanded gradient) and a third pass to add it to ``x``'s
 gradient. These functions compute the same gradients with the reductions
 done as dot products (no full-size temporaries) and, for GE-θ⁻, ``x``'s
-whole gradient in one pass. Results equal autograd's up to float rounding
-(``tests/test_gating.py``); traced and exported graphs use the plain ops
-(``size_generic_path``).
+whole gradient in one pass. Given the block's ``identity``, they also do
+the residual add in the same pass (``addcmul``). Results equal autograd's
+up to float rounding (``tests/test_fast_paths.py``); traced and exported
+graphs use the plain ops (``size_generic_path``).
 """
 import torch
 
@@ -56,6 +57,21 @@ class _ChannelGate(torch.autograd.Function):
         return grad_x, grad_gate
 
 
+class _ChannelGateAdd(torch.autograd.Function):
+    """``identity + x * gate``: the gate and the block's residual add in one
+    pass over the map (``addcmul``) instead of a product and an add."""
+
+    @staticmethod
+    def forward(ctx, x, gate, identity):
+        ctx.save_for_backward(x, gate)
+        return torch.addcmul(identity, x, gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x, grad_gate = _ChannelGate.backward(ctx, grad)
+        return grad_x, grad_gate, grad if ctx.needs_input_grad[2] else None
+
+
 class _ChannelDot(torch.autograd.Function):
     """(B, C, H, W) x (C, H, W) -> (B, C): each channel's dot product with
     its own kernel, i.e. a depthwise conv whose kernel covers the map. The
@@ -88,12 +104,16 @@ class _ChannelDot(torch.autograd.Function):
 
 
 class _GlobalMeanGate(torch.autograd.Function):
+    """``x * sigmoid(mean_HW(x))``, plus ``identity`` if one is given (the
+    block's residual add in the same pass)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, identity=None):
         gate = x.mean((2, 3), keepdim=True).sigmoid()
         ctx.save_for_backward(x, gate)
-        return x * gate
+        if identity is None:
+            return x * gate
+        return torch.addcmul(identity, x, gate)
 
     @staticmethod
     def backward(ctx, grad):
@@ -104,7 +124,8 @@ class _GlobalMeanGate(torch.autograd.Function):
         grad = grad.contiguous()
         grad_mean = _dot_hw(grad, x.to(grad.dtype)) * (
             gate * (1 - gate)) / area
-        return torch.addcmul(grad_mean, grad, gate).to(x.dtype)
+        grad_x = torch.addcmul(grad_mean, grad, gate).to(x.dtype)
+        return grad_x, grad if ctx.needs_input_grad[1] else None
 
 
 def _fused(x, *tensors):
@@ -123,6 +144,13 @@ def channel_gate(x, gate):
     return x * gate
 
 
+def channel_gate_add(x, gate, identity):
+    """``identity + x * gate`` (a (B, C, 1, 1) gate), in one pass."""
+    if _fused(x, gate, identity) and gate.shape == (*x.shape[:2], 1, 1):
+        return _ChannelGateAdd.apply(x, gate, identity)
+    return torch.addcmul(identity, x, gate)
+
+
 def channel_dot(x, weight):
     """``einsum('bchw,chw->bc', x, weight)`` with contiguous gradients."""
     if _fused(x, weight) and weight.shape == x.shape[1:]:
@@ -130,8 +158,10 @@ def channel_dot(x, weight):
     return torch.einsum('bchw,chw->bc', x, weight)
 
 
-def global_mean_gate(x):
-    """``x * sigmoid(mean_HW(x))`` (GE-θ⁻ with a global extent)."""
-    if _fused(x):
-        return _GlobalMeanGate.apply(x)
-    return x * x.mean((2, 3), keepdim=True).sigmoid()
+def global_mean_gate(x, identity=None):
+    """``x * sigmoid(mean_HW(x))`` (GE-θ⁻ with a global extent), plus
+    ``identity`` in the same pass if given."""
+    if _fused(x, *(() if identity is None else (identity, ))):
+        return _GlobalMeanGate.apply(x, identity)
+    gate = x.mean((2, 3), keepdim=True).sigmoid()
+    return x * gate if identity is None else torch.addcmul(identity, x, gate)

@@ -121,8 +121,17 @@ class PatchSpatialInteraction(BaseModule):
         patches = torch.einsum('zijaibj->zab', maps)
         return patches + self.squeeze.bias.view(1, 1, 1)
 
-    def forward(self, x):
+    def pixel_weights(self, x):
+        """(B, 1, H, W): each pixel's patch weight."""
         patches = self.squeeze_patches(x)
         weights = self.mlp(patches.flatten(1)).sigmoid()
         weights = weights.view(x.shape[0], 1, *self.grid)
-        return x * F.interpolate(weights, size=x.shape[-2:], mode='nearest')
+        return F.interpolate(weights, size=x.shape[-2:], mode='nearest')
+
+    def forward(self, x):
+        return x * self.pixel_weights(x)
+
+    def forward_residual(self, x, identity):
+        """``identity + self(x)``, the weighting and a residual block's add
+        in one pass over the map (used by the mmctx bottlenecks)."""
+        return torch.addcmul(identity, x, self.pixel_weights(x))

@@ -2,6 +2,7 @@
 by name, a batch-size-safe norm call, and resampling to a reference grid
 (with a size-generic path for traced and exported graphs)."""
 import contextlib
+import functools
 import numbers
 import sys
 
@@ -254,6 +255,82 @@ def adaptive_max_pool2d_generic(x, size):
     return x.transpose(-1, -2)
 
 
+# Outputs per band of the banded pooling below: a few multiply-adds per
+# input value keep its products memory-bound.
+_BAND = 8
+
+
+@functools.lru_cache(maxsize=64)
+def _bands(in_size, out_size, dtype, device):
+    """Adaptive average pooling along one axis, ``in_size -> out_size``, cut
+    into bands of ``_BAND`` outputs: band k's windows lie inside the inputs
+    ``[start, end)`` of its first and last window, and it is the (_BAND,
+    end - start) block of the pooling matrix there. Returns
+    ``[(start, end, block)]``."""
+    with torch.inference_mode(False), torch.no_grad():
+        like = torch.empty((), dtype=dtype, device=device)
+        dense = _pool_matrix(in_size, out_size, like)
+        inside, _ = _pool_windows(in_size, out_size, like)
+        bands = []
+        for first in range(0, out_size, _BAND):
+            rows = inside[first:first + _BAND].any(0).nonzero()
+            start, end = int(rows[0]), int(rows[-1]) + 1
+            block = dense[first:first + _BAND, start:end]
+            bands.append((start, end, F.pad(
+                block, (0, 0, 0, _BAND - block.shape[0])).contiguous()))
+    return bands
+
+
+class _BandedPool(torch.autograd.Function):
+    """Adaptive average pooling of the rows of a (R, n) matrix to m values,
+    returned transposed, (m, R): one small GEMM per band of inputs, read
+    as a strided view (no copy). (The transposed product is the one BLAS
+    runs fast with so few outputs per band.)"""
+
+    @staticmethod
+    def forward(ctx, x, out_size):
+        bands = _bands(x.shape[-1], out_size, x.dtype, x.device)
+        ctx.bands, ctx.in_size = bands, x.shape[-1]
+        out = x.new_empty(len(bands) * _BAND, x.shape[0])
+        for k, (start, end, block) in enumerate(bands):
+            torch.mm(block, x[:, start:end].t(),
+                     out=out[k * _BAND:(k + 1) * _BAND])
+        return out[:out_size]
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad.new_zeros(grad.shape[1], ctx.in_size)
+        for k, (start, end, block) in enumerate(ctx.bands):
+            rows = grad[k * _BAND:(k + 1) * _BAND]
+            grad_x[:, start:end].addmm_(rows.t(), block[:rows.shape[0]])
+        return grad_x, None
+
+
+def adaptive_avg_pool2d_banded(x, size):
+    """``F.adaptive_avg_pool2d(x, size)`` for eager code, as banded GEMMs.
+
+    Each axis is pooled by a few small matrix products over strided bands
+    of the input (each output window lies inside one band), which reads the
+    map once; PyTorch's CPU kernel sums every window separately in scalar
+    code, several times slower on large maps (GE-θ resampling a stage-1 map
+    at 800x1216). Equal to the adaptive pool up to float rounding
+    (``tests/test_fast_paths.py``).
+    """
+    *lead, height, width = x.shape
+    rows = x.reshape(-1, width)
+    if width != size[1]:
+        rows = _BandedPool.apply(rows, size[1])  # (w, .. H)
+    else:
+        rows = rows.t()
+    cols = rows.reshape(-1, height)  # (w .., H)
+    if height != size[0]:
+        cols = _BandedPool.apply(cols, size[0])  # (h, w ..)
+    else:
+        cols = cols.t()
+    out = cols.reshape(size[0], size[1], -1).permute(2, 0, 1).contiguous()
+    return out.view(*lead, *size)
+
+
 def resample_to(x, size):
     """Average-pool ``x`` to the spatial ``size`` (identity if already so).
 
@@ -262,7 +339,8 @@ def resample_to(x, size):
     they were built for and the reference size is left untouched.
 
     Eager calls skip the pooling at the reference size and otherwise use
-    ``F.adaptive_avg_pool2d``. Traced / exported graphs always resample with
+    :func:`adaptive_avg_pool2d_banded` (``F.adaptive_avg_pool2d`` up to
+    rounding, several times faster). Traced / exported graphs always resample with
     :func:`adaptive_avg_pool2d_generic` (identity at the reference size,
     equal to the adaptive pool elsewhere up to rounding), so one graph
     serves every input size.
@@ -272,12 +350,12 @@ def resample_to(x, size):
         return adaptive_avg_pool2d_generic(x, size)
     if tuple(x.shape[-2:]) == size:
         return x
-    return F.adaptive_avg_pool2d(x, size)
+    return adaptive_avg_pool2d_banded(x, size)
 
 
 class PointwiseConv2d(torch.nn.Conv2d):
     """``nn.Conv2d`` (same arguments, parameters and state dict) whose 1x1
-    inference on CPU is one GEMM per image.
+    conv on CPU is one GEMM per image, forward and backward.
 
     oneDNN's CPU conv copies an NCHW input to a blocked layout and back, a
     full pass over the map that for a 1x1 conv costs about as much as the
@@ -291,12 +369,7 @@ class PointwiseConv2d(torch.nn.Conv2d):
     def forward(self, x):
         if self.kernel_size != (1, 1) or self.stride != (1, 1) \
                 or self.padding not in ((0, 0), 'valid') or self.groups != 1 \
-                or not gemm_applies(x) or (torch.is_grad_enabled() and (
-                    x.requires_grad or self.weight.requires_grad)):
-            # Training keeps the conv: with the GEMM's (equal up to
-            # rounding) gradients the SB probe's 600-iteration run ended at
-            # 38 instead of 100 mIoU (tests/test_context_probe.py); until
-            # that is understood, only inference takes the GEMM.
+                or not gemm_applies(x):
             return super().forward(x)
         out = pointwise_product(self.weight, x)
         if self.bias is not None:

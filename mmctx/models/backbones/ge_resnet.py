@@ -7,11 +7,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..utils import size_generic_path
 from .context_resnet import ContextResNet
+from .gated_bottleneck import GatedBottleneck, hooked
 
 
-class GEBottleneck(Bottleneck):
+class GEBottleneck(GatedBottleneck):
     """Upstream Bottleneck whose inference folds norm3 into a global GE gate
-    that directly follows it (:meth:`GatherExcite.forward_after_norm`).
+    that directly follows it (:meth:`GatherExcite.forward_after_norm`);
+    otherwise the gate and the residual add are one pass
+    (:class:`GatedBottleneck`).
 
     In eval mode without autograd, an eval BatchNorm followed by a global
     GE gate is one multiply-add over the map instead of two passes. The
@@ -40,14 +43,14 @@ class GEBottleneck(Bottleneck):
                 and norm.affine and norm.running_mean is not None
                 and hasattr(gate, 'forward_after_norm')
                 and gate.extent == 'global'
-                and not _hooked(norm) and not _hooked(gate))
+                and not hooked(norm) and not hooked(gate))
 
     def forward(self, x):
         if not self._can_fold_norm3(x):
             return super().forward(x)
         self._fold_norm3 = True
         try:
-            return super().forward(x)
+            return Bottleneck.forward(self, x)
         finally:
             self._fold_norm3 = False
 
@@ -62,10 +65,6 @@ class GEBottleneck(Bottleneck):
 
 def _pass_through(x):
     return x
-
-
-def _hooked(module):
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 @MODELS.register_module()

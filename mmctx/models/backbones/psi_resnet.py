@@ -1,8 +1,10 @@
 """PSI-ResNet: upstream ResNet with a PatchSpatialInteraction plugin after
 conv3 + bn3 of every bottleneck."""
+from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
 
 from .context_resnet import ContextResNet
+from .gated_bottleneck import GatedBottleneck
 
 
 @MODELS.register_module()
@@ -39,3 +41,8 @@ class PSIResNet(ContextResNet):
             raise ValueError(
                 f'plugins must be None or a list of dicts, got {plugins!r}')
         super().__init__(depth, plugins=own + list(plugins or []), **kwargs)
+
+    def make_res_layer(self, **kwargs):
+        if kwargs['block'] is Bottleneck:
+            kwargs['block'] = GatedBottleneck
+        return super().make_res_layer(**kwargs)

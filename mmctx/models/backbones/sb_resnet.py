@@ -20,9 +20,10 @@ class SBBottleneck(Bottleneck):
     and joins its maps to conv2's output through a forward hook on conv2, so
     the upstream forward (plugins, checkpointing, DCN) runs unchanged. With
     the paper's concatenation bn2, the after_conv2 plugins and conv3 take
-    ``planes + num_bias`` channels. conv3's extra input channels start at
-    zero, and a plain ResNet checkpoint loads into them zero-padded, so the
-    block starts as exactly the plain block.
+    ``planes + num_bias`` channels. A plain ResNet checkpoint loads with
+    conv3's extra input channels zero-padded, so the block starts as exactly
+    the pretrained plain block; from scratch they are initialised like the
+    rest of conv3 (see :meth:`init_weights`).
 
     In a frozen stage of an mmctx backbone only the pretrained part of the
     widened bn2 and conv3 is frozen: their entries of the bias channels keep
@@ -69,13 +70,16 @@ class SBBottleneck(Bottleneck):
         return self.spatial_bias(inputs[0], output)
 
     def init_weights(self):
+        # From scratch, conv3's bias columns get the same (Kaiming) init as
+        # the rest of conv3, as in the paper's networks. Zero columns would
+        # leave the branch without a gradient until they grow: in the
+        # context probe SB then sat on a two-colour plateau for 300-800
+        # iterations, and whether it left it within the configs' 600 turned
+        # on float rounding (README, "Context probe"). A plain checkpoint
+        # still loads with zero columns (_load_from_state_dict), so a
+        # pretrained block starts as exactly the plain one.
         with editable_pretrained_slices(self):
             super().init_weights()
-            if self.spatial_bias.fusion == 'concat':
-                # The bias channels start disconnected: the block is the
-                # plain one.
-                with torch.no_grad():
-                    self.conv3.weight[:, self.planes:] = 0
 
     def separate_pretrained_slices(self):
         """In a frozen stage: keep conv3's inputs and bn2's entries of the
