@@ -136,10 +136,12 @@ def cuda_training_memory_bytes(model, x, autocast=False):
     return torch.cuda.max_memory_allocated()
 
 
-def time_interleaved(calls, x, warmup=1, repeats=5, sync=None):
+def time_interleaved(calls, x, warmup=1, repeats=5, sync=None,
+                     samples=None):
     """Median wall-clock ms and median process CPU ms of each callable in
     ``calls`` (name -> fn(x)), timed round-robin with a rotating start so
-    that machine noise hits all of them alike."""
+    that machine noise hits all of them alike. A dict ``samples`` receives
+    every round's wall-clock ms per name (for :func:`paired_ratio`)."""
     wall, cpu = defaultdict(list), defaultdict(list)
     names = list(calls)
     for rnd in range(warmup + repeats):
@@ -154,8 +156,19 @@ def time_interleaved(calls, x, warmup=1, repeats=5, sync=None):
             if rnd >= warmup:
                 wall[name].append((time.perf_counter() - start) * 1e3)
                 cpu[name].append((time.process_time() - start_cpu) * 1e3)
+    if samples is not None:
+        samples.update(wall)
     return ({n: statistics.median(wall[n]) for n in names},
             {n: statistics.median(cpu[n]) for n in names})
+
+
+def paired_ratio(samples, name, base):
+    """Median over rounds of ``name``'s time / ``base``'s time in the same
+    round: a change of machine speed between rounds (this VM's drifts by
+    several percent over minutes) cancels in each round's ratio, where a
+    ratio of the two overall medians keeps it."""
+    return statistics.median(
+        t / b for t, b in zip(samples[name], samples[base]))
 
 
 def op_self_times(call, x, repeats=3):

@@ -1,10 +1,11 @@
 """mmctx.benchmark: the training step trains, the training-memory measure
 counts what a step holds, and interleaved timing reports every model."""
+import pytest
 import torch
 import torch.nn as nn
 
-from mmctx.benchmark import (TrainingStep, stage_loss, time_interleaved,
-                             training_memory_bytes)
+from mmctx.benchmark import (TrainingStep, paired_ratio, stage_loss,
+                             time_interleaved, training_memory_bytes)
 
 
 def _net():
@@ -43,6 +44,17 @@ def test_training_memory_counts_state_and_saved_activations():
 
 def test_time_interleaved_reports_medians_for_every_callable():
     calls = {'a': lambda x: x + 1, 'b': lambda x: stage_loss((x, x))}
-    wall, cpu = time_interleaved(calls, torch.ones(4), warmup=1, repeats=3)
-    assert set(wall) == set(cpu) == {'a', 'b'}
+    rounds = {}
+    wall, cpu = time_interleaved(calls, torch.ones(4), warmup=1, repeats=3,
+                                 samples=rounds)
+    assert set(wall) == set(cpu) == set(rounds) == {'a', 'b'}
     assert all(v >= 0 for v in wall.values())
+    assert [len(v) for v in rounds.values()] == [3, 3]  # warm-up left out
+
+
+def test_paired_ratio_cancels_a_drift_between_rounds():
+    """The machine slows down 3x over the run: each round's ratio is 1.1,
+    the ratio of the overall medians is not."""
+    rounds = {'R50': [1.0, 2.0, 3.0], 'GE': [1.1, 2.2, 3.3]}
+    assert paired_ratio(rounds, 'GE', 'R50') == pytest.approx(1.1)
+    assert paired_ratio(rounds, 'R50', 'R50') == 1.0

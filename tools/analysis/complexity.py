@@ -32,8 +32,8 @@ from mmengine.registry import MODELS
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import mmctx  # noqa: E402,F401  (registers SBResNet, GEResNet, PSIResNet)
 from mmctx.benchmark import (BACKBONES, CONTROLS, TrainingStep,  # noqa: E402
-                             cuda_training_memory_bytes, time_interleaved,
-                             training_memory_bytes)
+                             cuda_training_memory_bytes, paired_ratio,
+                             time_interleaved, training_memory_bytes)
 from mmctx.models.utils import size_generic  # noqa: E402
 
 # Averages mmengine leaves uncounted (GE-θ⁻'s gather): one add per input
@@ -108,7 +108,7 @@ def cpu_model():
 
 
 def table(shape, batch, params, flops, latency, cpu, uncounted, train=None,
-          memory=None):
+          memory=None, latency_ratio=None, train_ratio=None):
     h, w = shape
     p0, f0, t0 = params['R50'], flops['R50'], latency['R50']
     head = ('| model | params (M) | Δparams vs R50 | GFLOPs | Δ% FLOPs '
@@ -123,14 +123,17 @@ def table(shape, batch, params, flops, latency, cpu, uncounted, train=None,
         line = (f'| {name} | {params[name] / 1e6:.3f} '
                 f'| {params[name] - p0:+,} | {flops[name] / 1e9:.2f} '
                 f'| {100 * (flops[name] / f0 - 1):+.2f}% '
-                f'| {latency[name]:.1f} | {latency[name] / t0:.3f} '
+                f'| {latency[name]:.1f} | {latency_ratio[name]:.3f} '
                 f'| {cpu[name] / cpu["R50"]:.3f} |')
         if train:
-            line += (f' {train[name]:.1f} | {train[name] / train["R50"]:.3f} '
+            line += (f' {train[name]:.1f} | {train_ratio[name]:.3f} '
                      f'| {memory[name] / 2**20:.1f} '
                      f'| {memory[name] / memory["R50"]:.3f} |')
         lines.append(line)
-    lines += ['', 'Ratios are against R50 in the same run.']
+    lines += ['', 'Ratios are against R50 in the same run: latency and '
+              'train-step ratios are medians over the rounds of the ratio '
+              'within each round (`mmctx.benchmark.paired_ratio`), the '
+              'CPU-time ratio is the ratio of the medians.']
     ops = ', '.join(
         f'`{op}` ({"all" if len(by) == len(params) else ", ".join(by)})'
         for op, by in sorted(uncounted.items())) or 'none'
@@ -249,20 +252,25 @@ def main():
                 args.device, enabled=args.amp,
                 dtype=torch.bfloat16 if args.device == 'cpu'
                 else torch.float16):
+            rounds = {}
             latency, cpu = time_interleaved(models, x, args.warmup,
-                                            args.repeats, sync)
+                                            args.repeats, sync, rounds)
+        latency_ratio = {n: paired_ratio(rounds, n, 'R50') for n in models}
+        train_ratio = None
         release_memory()
         if not args.no_train:
             steps = {n: TrainingStep(m, autocast=args.amp)
                      for n, m in models.items()}
+            rounds = {}
             train, _ = time_interleaved(steps, x, args.warmup, args.repeats,
-                                        sync)
+                                        sync, rounds)
+            train_ratio = {n: paired_ratio(rounds, n, 'R50') for n in steps}
             del steps  # their optimizers' momentum buffers
             for model in models.values():
                 model.zero_grad(set_to_none=True)
             release_memory()
         lines += table(shape, batch, params, flops, latency, cpu, uncounted,
-                       train, memory)
+                       train, memory, latency_ratio, train_ratio)
         lines += [f'1-min load average before / after timing: {load:.2f}'
                   f' / {os.getloadavg()[0]:.2f} (on {cores} cores)', '']
     report = '\n'.join(lines)
