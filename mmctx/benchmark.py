@@ -136,39 +136,53 @@ def cuda_training_memory_bytes(model, x, autocast=False):
     return torch.cuda.max_memory_allocated()
 
 
-def time_interleaved(calls, x, warmup=1, repeats=5, sync=None,
-                     samples=None):
+def time_interleaved(calls, x, warmup=1, repeats=5, sync=None, base=None,
+                     ratios=None):
     """Median wall-clock ms and median process CPU ms of each callable in
     ``calls`` (name -> fn(x)), timed round-robin with a rotating start so
-    that machine noise hits all of them alike. A dict ``samples`` receives
-    every round's wall-clock ms per name (for :func:`paired_ratio`)."""
+    that machine noise hits all of them alike.
+
+    With ``base`` (a name in ``calls``), each round runs ``base`` between
+    every two others (``base, a, base, b, ..., base``), and the dict
+    ``ratios`` receives, per other name, every round's time divided by the
+    mean of the two ``base`` runs around it (see :func:`bracketed_ratio`).
+    """
     wall, cpu = defaultdict(list), defaultdict(list)
     names = list(calls)
+    others = [n for n in names if n != base]
     for rnd in range(warmup + repeats):
-        shift = rnd % len(names)
-        for name in names[shift:] + names[:shift]:
+        shift = rnd % len(others) if others else 0
+        order = others[shift:] + others[:shift]
+        if base is not None:
+            order = [base] + [n for o in order for n in (o, base)]
+        times = []
+        for name in order:
             if sync:
                 sync()
             start, start_cpu = time.perf_counter(), time.process_time()
             calls[name](x)
             if sync:
                 sync()
+            times.append((time.perf_counter() - start) * 1e3)
             if rnd >= warmup:
-                wall[name].append((time.perf_counter() - start) * 1e3)
+                wall[name].append(times[-1])
                 cpu[name].append((time.process_time() - start_cpu) * 1e3)
-    if samples is not None:
-        samples.update(wall)
+        if base is not None and ratios is not None and rnd >= warmup:
+            for i in range(1, len(order), 2):
+                ratios.setdefault(order[i], []).append(
+                    2 * times[i] / (times[i - 1] + times[i + 1]))
     return ({n: statistics.median(wall[n]) for n in names},
             {n: statistics.median(cpu[n]) for n in names})
 
 
-def paired_ratio(samples, name, base):
-    """Median over rounds of ``name``'s time / ``base``'s time in the same
-    round: a change of machine speed between rounds (this VM's drifts by
-    several percent over minutes) cancels in each round's ratio, where a
-    ratio of the two overall medians keeps it."""
-    return statistics.median(
-        t / b for t, b in zip(samples[name], samples[base]))
+def bracketed_ratio(ratios, name):
+    """Median over rounds of ``name``'s time over the mean of the two base
+    runs just before and after it (:func:`time_interleaved` with
+    ``base``). This VM's speed changes by 10-20% within seconds (R50's own
+    forward: 380-540 ms in 15 back-to-back runs); a run compared with its
+    neighbours cancels that, where a ratio of two medians taken over
+    minutes keeps it. 1.0 for the base itself."""
+    return statistics.median(ratios[name]) if name in ratios else 1.0
 
 
 def op_self_times(call, x, repeats=3):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mmctx.benchmark import (TrainingStep, paired_ratio, stage_loss,
+from mmctx.benchmark import (TrainingStep, bracketed_ratio, stage_loss,
                              time_interleaved, training_memory_bytes)
 
 
@@ -44,17 +44,36 @@ def test_training_memory_counts_state_and_saved_activations():
 
 def test_time_interleaved_reports_medians_for_every_callable():
     calls = {'a': lambda x: x + 1, 'b': lambda x: stage_loss((x, x))}
-    rounds = {}
-    wall, cpu = time_interleaved(calls, torch.ones(4), warmup=1, repeats=3,
-                                 samples=rounds)
-    assert set(wall) == set(cpu) == set(rounds) == {'a', 'b'}
+    wall, cpu = time_interleaved(calls, torch.ones(4), warmup=1, repeats=3)
+    assert set(wall) == set(cpu) == {'a', 'b'}
     assert all(v >= 0 for v in wall.values())
-    assert [len(v) for v in rounds.values()] == [3, 3]  # warm-up left out
 
 
-def test_paired_ratio_cancels_a_drift_between_rounds():
-    """The machine slows down 3x over the run: each round's ratio is 1.1,
-    the ratio of the overall medians is not."""
-    rounds = {'R50': [1.0, 2.0, 3.0], 'GE': [1.1, 2.2, 3.3]}
-    assert paired_ratio(rounds, 'GE', 'R50') == pytest.approx(1.1)
-    assert paired_ratio(rounds, 'R50', 'R50') == 1.0
+def test_bracketed_ratio_compares_each_run_with_the_base_runs_around_it():
+    """The base runs between every two models; each ratio divides by the
+    mean of its two neighbours, so a machine that slows down 3x over the
+    run (fake clock below) still gives 2.0 for a model twice as slow."""
+    import time as time_module
+    clock = [0.0]
+    speed = [1.0]
+
+    def work(cost):
+        def call(x):
+            clock[0] += cost * speed[0]
+            speed[0] += 0.1  # every call runs on a slower machine
+        return call
+
+    calls = {'R50': work(1.0), 'twice': work(2.0), 'same': work(1.0)}
+    ratios = {}
+    real = time_module.perf_counter
+    time_module.perf_counter = lambda: clock[0]
+    try:
+        time_interleaved(calls, None, warmup=1, repeats=4, base='R50',
+                         ratios=ratios)
+    finally:
+        time_module.perf_counter = real
+    assert set(ratios) == {'twice', 'same'}
+    assert [len(v) for v in ratios.values()] == [4, 4]
+    assert bracketed_ratio(ratios, 'twice') == pytest.approx(2.0)
+    assert bracketed_ratio(ratios, 'same') == pytest.approx(1.0)
+    assert bracketed_ratio(ratios, 'R50') == 1.0

@@ -32,7 +32,7 @@ from mmengine.registry import MODELS
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import mmctx  # noqa: E402,F401  (registers SBResNet, GEResNet, PSIResNet)
 from mmctx.benchmark import (BACKBONES, CONTROLS, TrainingStep,  # noqa: E402
-                             cuda_training_memory_bytes, paired_ratio,
+                             bracketed_ratio, cuda_training_memory_bytes,
                              time_interleaved, training_memory_bytes)
 from mmctx.models.utils import size_generic  # noqa: E402
 
@@ -130,10 +130,12 @@ def table(shape, batch, params, flops, latency, cpu, uncounted, train=None,
                      f'| {memory[name] / 2**20:.1f} '
                      f'| {memory[name] / memory["R50"]:.3f} |')
         lines.append(line)
-    lines += ['', 'Ratios are against R50 in the same run: latency and '
-              'train-step ratios are medians over the rounds of the ratio '
-              'within each round (`mmctx.benchmark.paired_ratio`), the '
-              'CPU-time ratio is the ratio of the medians.']
+    lines += ['', 'Ratios are against R50 in the same run. Latency and '
+              'train-step ratios: R50 runs between every two models, and '
+              'each ratio is the median over the rounds of a model\'s time '
+              'over the mean of the R50 runs just before and after it '
+              '(`mmctx.benchmark.bracketed_ratio`); the CPU-time ratio is '
+              'the ratio of the medians.']
     ops = ', '.join(
         f'`{op}` ({"all" if len(by) == len(params) else ", ".join(by)})'
         for op, by in sorted(uncounted.items())) or 'none'
@@ -254,8 +256,8 @@ def main():
                 else torch.float16):
             rounds = {}
             latency, cpu = time_interleaved(models, x, args.warmup,
-                                            args.repeats, sync, rounds)
-        latency_ratio = {n: paired_ratio(rounds, n, 'R50') for n in models}
+                                            args.repeats, sync, 'R50', rounds)
+        latency_ratio = {n: bracketed_ratio(rounds, n) for n in models}
         train_ratio = None
         release_memory()
         if not args.no_train:
@@ -263,8 +265,8 @@ def main():
                      for n, m in models.items()}
             rounds = {}
             train, _ = time_interleaved(steps, x, args.warmup, args.repeats,
-                                        sync, rounds)
-            train_ratio = {n: paired_ratio(rounds, n, 'R50') for n in steps}
+                                        sync, 'R50', rounds)
+            train_ratio = {n: bracketed_ratio(rounds, n) for n in steps}
             del steps  # their optimizers' momentum buffers
             for model in models.values():
                 model.zero_grad(set_to_none=True)
