@@ -6,8 +6,10 @@ registry and initialised (``init_weights()``). Inference: eval mode under
 ``torch.no_grad()``. Training step (:class:`mmctx.benchmark.TrainingStep`):
 train mode, forward, a loss over all stage outputs, backward, SGD step.
 Times are medians of ``--repeats`` timed rounds after ``--warmup`` untimed
-ones, the models interleaved (round-robin, rotating the start) so machine
-noise hits all of them alike. Training memory: see
+ones, the models interleaved (round-robin, rotating the start, R50 between
+every two) so machine noise hits all of them alike; ratios compare each run
+with the R50 runs just before and after it
+(:func:`mmctx.benchmark.bracketed_ratio`). Training memory: see
 :func:`mmctx.benchmark.training_memory_bytes`.
 
     python tools/analysis/complexity.py        # 224x224 b8 and 800x1216 b1
@@ -220,8 +222,8 @@ def main():
         'ReLU, cat and views are ignored by mmengine by design',
         f'- latency: median of {args.repeats} timed forward passes of the '
         f'whole batch after {args.warmup} warm-up passes, models interleaved '
-        'round-robin in one process (rotating the start each round); the '
-        'CPU-time ratio compares median process CPU time (all threads): '
+        'round-robin in one process (rotating the start each round, R50 '
+        'between every two models); the CPU-time ratio compares median process CPU time (all threads): '
         'time spent descheduled by other load is left out, but with >1 '
         'thread spin-waiting at barriers is not', ''
     ]
