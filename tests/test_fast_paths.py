@@ -369,3 +369,16 @@ def test_gated_bottleneck_keeps_a_hooked_gate_on_the_upstream_path():
         net(torch.randn(1, 3, 32, 32))
     (x, out), = seen
     torch.testing.assert_close(out, gate(x))
+
+
+def test_flop_counters_trace_the_adaptive_pool():
+    """Traced with the eager paths kept (complexity.py's FLOP count),
+    resample_to records ``adaptive_avg_pool2d``, an op FLOP counters know,
+    not the banded GEMMs' custom function."""
+    from mmctx.models.utils import resample_to
+    x = torch.randn(1, 4, 20, 30)
+    with size_generic(False):
+        graph = torch.jit.trace(lambda t: resample_to(t, (7, 7)), x).graph
+    kinds = {node.kind() for node in graph.nodes()}
+    assert 'aten::adaptive_avg_pool2d' in kinds, kinds
+    assert 'prim::PythonOp' not in kinds, kinds
