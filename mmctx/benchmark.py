@@ -185,6 +185,27 @@ def bracketed_ratio(ratios, name):
     return statistics.median(ratios[name]) if name in ratios else 1.0
 
 
+def time_two_paths(fast, plain, repeats=45, warmup=2):
+    """Time two callables back to back, ``repeats`` times, alternating which
+    runs first; returns (median of the per-pair ratios fast / plain, median
+    fast ms, median plain ms). For comparing two code paths of one layer,
+    where whole-network timings cannot resolve the difference."""
+    ratios, fast_ms, plain_ms = [], [], []
+    for i in range(warmup + repeats):
+        pair = {}
+        for name, call in ((('fast', fast), ('plain', plain)) if i % 2 == 0
+                           else (('plain', plain), ('fast', fast))):
+            start = time.perf_counter()
+            call()
+            pair[name] = (time.perf_counter() - start) * 1e3
+        if i >= warmup:
+            ratios.append(pair['fast'] / pair['plain'])
+            fast_ms.append(pair['fast'])
+            plain_ms.append(pair['plain'])
+    return (statistics.median(ratios), statistics.median(fast_ms),
+            statistics.median(plain_ms))
+
+
 def op_self_times(call, x, repeats=3):
     """Median self CPU time in ms of each profiler event (aten op, autograd
     node, optimizer step) over ``repeats`` profiled calls of ``call(x)``,

@@ -50,3 +50,37 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
     for name in NAMES[1:]:
         assert float(rows[name][4].rstrip('%')) > 0, rows[name]
     assert float(rows['SB-R50'][4].rstrip('%')) >= 0.5  # 0.6-1% at 64x64
+
+
+def test_fast_path_ab_tool_tiny_run(run, repo_root):
+    """tools/analysis/fast_path_ab.py prints both tables, every stage and
+    every gated model, with positive times and ratios."""
+    stdout = run([
+        sys.executable, repo_root / 'tools' / 'analysis' /
+        'fast_path_ab.py', '--shape', '64x96', '--block-shape', '32x32',
+        '--batch', '2', '--repeats', '1'
+    ], timeout=300)
+    rows = [line.strip('|').split('|') for line in stdout.splitlines()
+            if line.startswith('| ') and not line.startswith('| stage')
+            and not line.startswith('| model')]
+    pools = [r for r in rows if '→' in r[1]]
+    blocks = [r for r in rows if '→' not in r[1]]
+    assert [r[0].strip() for r in pools] == ['1', '2', '3', '4']
+    assert pools[0][1].strip() == '1x256x16x24 → 56'
+    assert [r[0].strip() for r in blocks] == ['GE-θ⁻-R50', 'GE-θ⁺-R50',
+                                              'PSI-R50']
+    for r in pools:
+        for cell in r[2:]:
+            assert all(float(v) > 0 for v in cell.split('→'))
+    for r in blocks:
+        assert all(float(v) > 0 for v in r[1:])
+
+
+def test_time_two_paths_alternates_and_reports_the_pair_ratio():
+    from mmctx.benchmark import time_two_paths
+    order = []
+    ratio, fast, plain = time_two_paths(lambda: order.append('f'),
+                                        lambda: order.append('p'),
+                                        repeats=4, warmup=0)
+    assert order == ['f', 'p', 'p', 'f', 'f', 'p', 'p', 'f']
+    assert ratio > 0 and fast >= 0 and plain >= 0
