@@ -312,9 +312,8 @@ def adaptive_avg_pool2d_banded(x, size):
     Each axis is pooled by a few small matrix products over strided bands
     of the input (each output window lies inside one band), which reads the
     map once; PyTorch's CPU kernel sums every window separately in scalar
-    code, several times slower on large maps (GE-θ resampling a stage-1 map
-    at 800x1216). Equal to the adaptive pool up to float rounding
-    (``tests/test_fast_paths.py``).
+    code, 2-3x slower (``tools/analysis/fast_path_ab.py``). Equal to the
+    adaptive pool up to float rounding (``tests/test_fast_paths.py``).
     """
     *lead, height, width = x.shape
     rows = x.reshape(-1, width)
@@ -338,9 +337,10 @@ def resample_to(x, size):
     patch MLP) see every input through this, so any H x W maps onto the grid
     they were built for and the reference size is left untouched.
 
-    Eager calls skip the pooling at the reference size and otherwise use
-    :func:`adaptive_avg_pool2d_banded` (``F.adaptive_avg_pool2d`` up to
-    rounding, several times faster). Traced / exported graphs always resample with
+    Eager calls skip the pooling at the reference size and otherwise use,
+    on CPU, :func:`adaptive_avg_pool2d_banded` (``F.adaptive_avg_pool2d``
+    up to rounding, 2-3x faster there), elsewhere ``F.adaptive_avg_pool2d``.
+    Traced / exported graphs always resample with
     :func:`adaptive_avg_pool2d_generic` (identity at the reference size,
     equal to the adaptive pool elsewhere up to rounding), so one graph
     serves every input size.
@@ -350,7 +350,8 @@ def resample_to(x, size):
         return adaptive_avg_pool2d_generic(x, size)
     if tuple(x.shape[-2:]) == size:
         return x
-    if torch.jit.is_tracing():  # FLOP counters: the op they know
+    if x.device.type != 'cpu' or torch.jit.is_tracing():
+        # GPUs pool in parallel; FLOP counters know the op
         return F.adaptive_avg_pool2d(x, size)
     return adaptive_avg_pool2d_banded(x, size)
 

@@ -112,7 +112,7 @@ def cpu_model():
 def table(shape, batch, params, flops, latency, cpu, uncounted, train=None,
           memory=None, latency_ratio=None, train_ratio=None):
     h, w = shape
-    p0, f0, t0 = params['R50'], flops['R50'], latency['R50']
+    p0, f0 = params['R50'], flops['R50']
     head = ('| model | params (M) | Δparams vs R50 | GFLOPs | Δ% FLOPs '
             '| latency ms | latency ratio | CPU-time ratio |')
     rule = '|---|---:|---:|---:|---:|---:|---:|---:|'
