@@ -44,6 +44,9 @@ class ContextResNet(TrainableContextMixin, ResNet):
       statistics (see :class:`TrainableContextMixin`).
     """
 
+    # The block class of the Bottleneck depths (a subclass of upstream's).
+    bottleneck = Bottleneck
+
     arch_settings = {
         **ResNet.arch_settings,
         14: (Bottleneck, (1, 1, 1, 1)),
@@ -147,6 +150,11 @@ class ContextResNet(TrainableContextMixin, ResNet):
     def stage_of(self, planes):
         """Stage index of a res layer, from its width (planes = base * 2^i)."""
         return int(math.log2(planes // self.base_channels))
+
+    def make_res_layer(self, **kwargs):
+        if kwargs['block'] is Bottleneck:
+            kwargs['block'] = self.bottleneck
+        return super().make_res_layer(**kwargs)
 
     def train(self, mode=True):
         # Upstream's override returns None, which breaks model.eval() chains.

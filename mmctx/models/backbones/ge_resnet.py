@@ -90,6 +90,8 @@ class GEResNet(ContextResNet):
             after GE.
     """
 
+    bottleneck = GEBottleneck
+
     def __init__(self,
                  depth,
                  ge=dict(variant='parameter_free', extent='global'),
@@ -104,8 +106,3 @@ class GEResNet(ContextResNet):
             raise ValueError(
                 f'plugins must be None or a list of dicts, got {plugins!r}')
         super().__init__(depth, plugins=own + list(plugins or []), **kwargs)
-
-    def make_res_layer(self, **kwargs):
-        if kwargs['block'] is Bottleneck:
-            kwargs['block'] = GEBottleneck
-        return super().make_res_layer(**kwargs)

@@ -1,6 +1,5 @@
 """PSI-ResNet: upstream ResNet with a PatchSpatialInteraction plugin after
 conv3 + bn3 of every bottleneck."""
-from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
 
 from .context_resnet import ContextResNet
@@ -27,6 +26,8 @@ class PSIResNet(ContextResNet):
         **kwargs: Upstream ResNet arguments; ``plugins`` come after PSI.
     """
 
+    bottleneck = GatedBottleneck
+
     def __init__(self,
                  depth,
                  psi=dict(grid_size=16, hidden_ratio=0.5),
@@ -41,8 +42,3 @@ class PSIResNet(ContextResNet):
             raise ValueError(
                 f'plugins must be None or a list of dicts, got {plugins!r}')
         super().__init__(depth, plugins=own + list(plugins or []), **kwargs)
-
-    def make_res_layer(self, **kwargs):
-        if kwargs['block'] is Bottleneck:
-            kwargs['block'] = GatedBottleneck
-        return super().make_res_layer(**kwargs)
