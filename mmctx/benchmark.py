@@ -14,6 +14,7 @@ allocator's own peak (``torch.cuda.max_memory_allocated``) is reported
 instead. The CPU figure is deterministic: it does not depend on the
 allocator or on other processes.
 """
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -183,6 +184,31 @@ def bracketed_ratio(ratios, name):
     neighbours cancels that, where a ratio of two medians taken over
     minutes keeps it. 1.0 for the base itself."""
     return statistics.median(ratios[name]) if name in ratios else 1.0
+
+
+def median_interval(values, confidence=0.95):
+    """Distribution-free confidence interval of the median of ``values``:
+    (the j-th smallest, the j-th largest), with j the largest rank such
+    that the median of the sampled distribution lies outside it with
+    probability at most 1 - ``confidence`` (each value falls below the
+    median with probability 1/2, so the count below is Binomial(n, 1/2)).
+    With too few values for that coverage (fewer than 6 at 95%) the
+    interval is (min, max). Assumes independent values: rounds of
+    :func:`time_interleaved` bracketed by the base, whose drift the
+    bracketing removes."""
+    values = sorted(values)
+    n = len(values)
+    if not n:
+        raise ValueError('median_interval needs at least one value')
+    tail = (1 - confidence) / 2
+    rank, at_most = 0, 0.0  # at_most: P(count below the median <= rank)
+    while rank < n // 2:
+        at_most += math.comb(n, rank) / 2**n
+        if at_most > tail:
+            break
+        rank += 1  # the rank-th smallest value is below the median
+    rank = max(rank, 1)  # 1-based; (min, max) when none qualifies
+    return values[rank - 1], values[n - rank]
 
 
 def time_two_paths(fast, plain, repeats=45, warmup=2):

@@ -26,10 +26,12 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
             rows[cells[0]] = cells
     assert list(rows) == NAMES  # all 8 backbones, in order
     # model | params (M) | Δparams | GFLOPs | Δ% FLOPs | ms | ratio | CPU
-    # | train ms | train ratio | train MiB | memory ratio
+    # | train ms | train ratio | train MiB | memory ratio | latency ratio
+    # 95% CI | train-step ratio 95% CI
     r50 = rows['R50']
     assert r50[2] == '+0' and r50[4] == '+0.00%'
     assert r50[6] == r50[7] == r50[9] == r50[11] == '1.000'
+    assert r50[12] == r50[13] == '—'  # the base has no interval
     # SPEC §2: SB-ResNet-50 25,986,620 vs ResNet-50 25,557,032 (same fc).
     assert rows['SB-R50'][2] == '+429,588'
     assert rows['GE-θ⁻-R50'][2] == '+0'
@@ -38,8 +40,13 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
     assert rows['GE-θ⁺-R50'][2] == f'{33_637_592 - 25_557_032:+,}'
     for cells in rows.values():
         assert float(cells[1]) > 23 and float(cells[3]) > 0
-        assert len(cells) == 12
+        assert len(cells) == 14
         assert all(float(v) > 0 for v in cells[5:12])
+    for name in NAMES[1:]:
+        # one round: the interval is that round's ratio, the median itself
+        for ratio, ci in ((6, 12), (9, 13)):
+            low, high = rows[name][ci].split('–')
+            assert low == high == rows[name][ratio], rows[name]
     # every context module holds more than the plain network in training
     # (its parameters and the activations it saves); GE-θ⁻ adds no weights
     for name in NAMES[1:]:

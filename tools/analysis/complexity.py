@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import mmctx  # noqa: E402,F401  (registers SBResNet, GEResNet, PSIResNet)
 from mmctx.benchmark import (BACKBONES, CONTROLS, TrainingStep,  # noqa: E402
                              bracketed_ratio, cuda_training_memory_bytes,
-                             time_interleaved, training_memory_bytes)
+                             median_interval, time_interleaved,
+                             training_memory_bytes)
 from mmctx.models.utils import size_generic  # noqa: E402
 
 # Averages mmengine leaves uncounted (GE-θ⁻'s gather): one add per input
@@ -109,8 +110,16 @@ def cpu_model():
     return 'unknown'
 
 
+def interval(rounds, name):
+    """The 95% interval of a bracketed ratio's median, as a table cell."""
+    if name not in rounds:
+        return '—'  # the base itself
+    low, high = median_interval(rounds[name])
+    return f'{low:.3f}–{high:.3f}'
+
+
 def table(shape, batch, params, flops, latency, cpu, uncounted, train=None,
-          memory=None, latency_ratio=None, train_ratio=None):
+          memory=None, latency_rounds=None, train_rounds=None):
     h, w = shape
     p0, f0 = params['R50'], flops['R50']
     head = ('| model | params (M) | Δparams vs R50 | GFLOPs | Δ% FLOPs '
@@ -120,24 +129,37 @@ def table(shape, batch, params, flops, latency, cpu, uncounted, train=None,
         head += ' train step ms | train-step ratio | train memory MiB ' \
             '| memory ratio |'
         rule += '---:|---:|---:|---:|'
+    head += ' latency ratio 95% CI |'
+    rule += ':---:|'
+    if train:
+        head += ' train-step ratio 95% CI |'
+        rule += ':---:|'
     lines = [f'## {h}x{w}, batch {batch}', '', head, rule]
     for name in params:
         line = (f'| {name} | {params[name] / 1e6:.3f} '
                 f'| {params[name] - p0:+,} | {flops[name] / 1e9:.2f} '
                 f'| {100 * (flops[name] / f0 - 1):+.2f}% '
-                f'| {latency[name]:.1f} | {latency_ratio[name]:.3f} '
+                f'| {latency[name]:.1f} '
+                f'| {bracketed_ratio(latency_rounds, name):.3f} '
                 f'| {cpu[name] / cpu["R50"]:.3f} |')
         if train:
-            line += (f' {train[name]:.1f} | {train_ratio[name]:.3f} '
+            line += (f' {train[name]:.1f} '
+                     f'| {bracketed_ratio(train_rounds, name):.3f} '
                      f'| {memory[name] / 2**20:.1f} '
                      f'| {memory[name] / memory["R50"]:.3f} |')
+        line += f' {interval(latency_rounds, name)} |'
+        if train:
+            line += f' {interval(train_rounds, name)} |'
         lines.append(line)
     lines += ['', 'Ratios are against R50 in the same run. Latency and '
               'train-step ratios: R50 runs between every two models, and '
               'each ratio is the median over the rounds of a model\'s time '
               'over the mean of the R50 runs just before and after it '
               '(`mmctx.benchmark.bracketed_ratio`); the CPU-time ratio is '
-              'the ratio of the medians.']
+              'the ratio of the medians. 95% CI: distribution-free '
+              'confidence interval of that median from the per-round '
+              'ratios (order statistics, `mmctx.benchmark.median_interval`;'
+              ' (min, max) below 6 rounds).']
     ops = ', '.join(
         f'`{op}` ({"all" if len(by) == len(params) else ", ".join(by)})'
         for op, by in sorted(uncounted.items())) or 'none'
@@ -256,25 +278,24 @@ def main():
                 args.device, enabled=args.amp,
                 dtype=torch.bfloat16 if args.device == 'cpu'
                 else torch.float16):
-            rounds = {}
+            latency_rounds = {}
             latency, cpu = time_interleaved(models, x, args.warmup,
-                                            args.repeats, sync, 'R50', rounds)
-        latency_ratio = {n: bracketed_ratio(rounds, n) for n in models}
-        train_ratio = None
+                                            args.repeats, sync, 'R50',
+                                            latency_rounds)
+        train_rounds = None
         release_memory()
         if not args.no_train:
             steps = {n: TrainingStep(m, autocast=args.amp)
                      for n, m in models.items()}
-            rounds = {}
+            train_rounds = {}
             train, _ = time_interleaved(steps, x, args.warmup, args.repeats,
-                                        sync, 'R50', rounds)
-            train_ratio = {n: bracketed_ratio(rounds, n) for n in steps}
+                                        sync, 'R50', train_rounds)
             del steps  # their optimizers' momentum buffers
             for model in models.values():
                 model.zero_grad(set_to_none=True)
             release_memory()
         lines += table(shape, batch, params, flops, latency, cpu, uncounted,
-                       train, memory, latency_ratio, train_ratio)
+                       train, memory, latency_rounds, train_rounds)
         lines += [f'1-min load average before / after timing: {load:.2f}'
                   f' / {os.getloadavg()[0]:.2f} (on {cores} cores)', '']
     report = '\n'.join(lines)
