@@ -79,6 +79,17 @@ class TrainingStep:
         self.optimizer = torch.optim.SGD(
             model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
         self.autocast = autocast
+        # Gradients and momentum buffers live as long as the step: allocate
+        # them now, before any activation, so that they sit together rather
+        # than in the holes a first step's freed activations leave (at
+        # 800x1216, nine models' scattered buffers fragmented the heap past
+        # 24 GB). With dampening 0, SGD's first step from a zero buffer is
+        # the stock one (the buffer becomes the gradient).
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+                self.optimizer.state[p]['momentum_buffer'] = \
+                    torch.zeros_like(p)
 
     def __call__(self, x):
         with torch.autocast(x.device.type, enabled=self.autocast,

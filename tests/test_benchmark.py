@@ -29,6 +29,31 @@ def test_training_step_updates_weights_and_bn_statistics():
     assert not torch.equal(mean_before, net[1].running_mean)
 
 
+def test_training_step_allocates_its_state_up_front_and_is_stock_sgd():
+    """Gradients and momentum buffers exist from construction (one block of
+    long-lived memory, not scattered among freed activations), and three
+    steps give exactly the weights of a stock SGD loop."""
+    import copy
+    net = _net()
+    reference = copy.deepcopy(net)
+    step = TrainingStep(net, lr=0.1)
+    for p in net.parameters():
+        assert p.grad is not None and not p.grad.any()
+        assert not step.optimizer.state[p]['momentum_buffer'].any()
+    reference.train()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1,
+                                momentum=0.9, weight_decay=1e-4)
+    for seed in range(3):
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(
+            seed))
+        step(x)
+        optimizer.zero_grad()
+        stage_loss(reference(x)).backward()
+        optimizer.step()
+    for a, b in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
 def test_training_memory_counts_state_and_saved_activations():
     net = _net()
     params = sum(p.numel() for p in net.parameters())

@@ -18,6 +18,7 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
     assert report.splitlines()[0] in stdout  # printed as well
     assert '## 64x64, batch 1' in report
     assert f'torch {torch.__version__}' in report
+    assert 'Peak resident memory of this process: ' in report
 
     rows = {}
     for line in report.splitlines():

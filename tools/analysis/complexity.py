@@ -21,6 +21,7 @@ import argparse
 import ctypes
 import gc
 import os
+import resource
 import shlex
 import sys
 from collections import defaultdict
@@ -298,6 +299,10 @@ def main():
                        train, memory, latency_rounds, train_rounds)
         lines += [f'1-min load average before / after timing: {load:.2f}'
                   f' / {os.getloadavg()[0]:.2f} (on {cores} cores)', '']
+    if args.device == 'cpu':
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        lines += [f'Peak resident memory of this process: {peak:.1f} GiB.',
+                  '']
     report = '\n'.join(lines)
     print(report)
     if args.out:
