@@ -79,12 +79,11 @@ class TrainingStep:
         self.optimizer = torch.optim.SGD(
             model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
         self.autocast = autocast
-        # Gradients and momentum buffers live as long as the step: allocate
-        # them now, before any activation, so that they sit together rather
-        # than in the holes a first step's freed activations leave (at
-        # 800x1216, nine models' scattered buffers fragmented the heap past
-        # 24 GB). With dampening 0, SGD's first step from a zero buffer is
-        # the stock one (the buffer becomes the gradient).
+        # Gradients and momentum buffers exist from a training job's first
+        # iteration: allocate them now, before any activation, so no timed
+        # round allocates them and they sit together, outside the heap that
+        # activations churn. With dampening 0, SGD's first step from a zero
+        # buffer is the stock one (the buffer becomes the gradient).
         for p in model.parameters():
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
