@@ -382,3 +382,49 @@ def test_flop_counters_trace_the_adaptive_pool():
     kinds = {node.kind() for node in graph.nodes()}
     assert 'aten::adaptive_avg_pool2d' in kinds, kinds
     assert 'prim::PythonOp' not in kinds, kinds
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_ge_excite_as_linear_matches_its_convs(dtype):
+    """GE-θ⁺'s excite on a (B, C, 1, 1) context runs as ``F.linear`` with
+    the convs' weights: same output and the same gradients of the context
+    and of every excite parameter as ``self.excite``; a map context, a
+    traced graph and a hooked conv use the convs."""
+    torch.manual_seed(0)
+    ge = GatherExcite(32, variant='depthwise_excite', extent='global',
+                      feature_size=4, reduction=4).to(dtype)
+    for p in ge.excite.parameters():  # init_weights zeroes the last conv
+        torch.nn.init.normal_(p)
+    params = list(ge.excite.parameters())
+
+    def run(fn, context):
+        context = context.detach().clone().requires_grad_()
+        out = fn(context)
+        weight = torch.linspace(-1, 2, out.numel(), dtype=dtype)
+        grads = torch.autograd.grad((out.flatten() * weight).sum(),
+                                    [context] + params)
+        return out.detach(), grads
+
+    for context in (torch.randn(3, 32, 1, 1, dtype=dtype),
+                    torch.randn(1, 32, 1, 1, dtype=dtype)):
+        assert_same(run(ge._excite, context), run(ge.excite, context), dtype)
+
+    calls = []
+    real = F.linear
+    try:
+        F.linear = lambda *a: calls.append(1) or real(*a)
+        ge._excite(torch.randn(2, 32, 1, 1, dtype=dtype))
+        assert len(calls) == 2  # the fast path ran
+        calls.clear()
+        ge._excite(torch.randn(2, 32, 3, 3, dtype=dtype))  # a map
+        excite = torch.nn.Module()
+        excite.ge = ge
+        excite.forward = ge._excite
+        torch.jit.trace(excite, torch.randn(2, 32, 1, 1, dtype=dtype),
+                        check_trace=False)
+        handle = ge.excite[2].register_forward_hook(lambda *a: None)
+        ge._excite(torch.randn(2, 32, 1, 1, dtype=dtype))
+        handle.remove()
+        assert not calls  # each took the convs
+    finally:
+        F.linear = real

@@ -13,8 +13,8 @@ from mmengine.registry import MODELS
 from .gating import (channel_dot, channel_gate, channel_gate_add,
                      global_mean_gate)
 from .utils import (check_choice, check_init_cfg, check_layer_cfg,
-                    check_positive_int, check_size, normalize, resample_to,
-                    size_generic_path)
+                    check_positive_int, check_size, hooked, normalize,
+                    resample_to, size_generic_path)
 
 VARIANTS = ('parameter_free', 'depthwise', 'depthwise_excite')
 EXTENTS = (2, 4, 8, 'global')
@@ -207,15 +207,31 @@ class GatherExcite(BaseModule):
                                 context[..., None, None])
         context = context.view(*x.shape[:2], 1, 1)
         if self.variant == 'depthwise_excite':
-            context = self.excite(F.relu(context))
+            context = self._excite(F.relu(context))
         gate = context.sigmoid()
         return torch.addcmul(shift.view(1, -1, 1, 1) * gate, x,
                              scale.view(1, -1, 1, 1) * gate)
 
+    def _excite(self, context):
+        """``self.excite(context)``. On a (B, C, 1, 1) context (global
+        extent) eager code runs its two 1x1 convs as ``F.linear`` on (B, C)
+        with the convs' own weights: oneDNN's conv costs several times more
+        on a 1x1 map, mostly per call (forward + backward, C = 2048, batch
+        8: 4.6 vs 0.8 ms on 2 CPU threads). Equal up to float rounding.
+        Traced / exported graphs and hooked convs keep the convs."""
+        squeeze, _, expand = self.excite
+        if size_generic_path(context) or context.shape[-2:] != (1, 1) \
+                or any(hooked(m) for m in self.excite.modules()):
+            return self.excite(context)
+        hidden = F.relu(F.linear(context.flatten(1),
+                                 squeeze.weight.flatten(1), squeeze.bias))
+        return F.linear(hidden, expand.weight.flatten(1),
+                        expand.bias).view(context.shape)
+
     def _gate(self, x):
         context = self._gather(x)
         if self.variant == 'depthwise_excite':
-            context = self.excite(F.relu(context))
+            context = self._excite(F.relu(context))
         gate = context.sigmoid()
         return gate if self.extent == 'global' else self._expand(gate, x)
 

@@ -151,6 +151,12 @@ def normalize(norm, x):
     return norm(x)
 
 
+def hooked(module):
+    """Whether ``module`` has forward (pre-)hooks: fast paths that bypass a
+    module's ``forward`` leave hooked modules on their stock path."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 _force_size_generic = [None]
 
 

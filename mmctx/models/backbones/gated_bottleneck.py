@@ -4,7 +4,7 @@ import torch
 import torch.utils.checkpoint as cp
 from mmdet.models.backbones.resnet import Bottleneck
 
-from ..utils import size_generic_path
+from ..utils import hooked, size_generic_path
 
 
 class GatedBottleneck(Bottleneck):
@@ -55,7 +55,3 @@ class GatedBottleneck(Bottleneck):
         else:
             out = _inner_forward(x)
         return self.relu(out)
-
-
-def hooked(module):
-    return bool(module._forward_hooks or module._forward_pre_hooks)

@@ -5,9 +5,9 @@ from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..utils import size_generic_path
+from ..utils import hooked, size_generic_path
 from .context_resnet import ContextResNet
-from .gated_bottleneck import GatedBottleneck, hooked
+from .gated_bottleneck import GatedBottleneck
 
 
 class GEBottleneck(GatedBottleneck):
