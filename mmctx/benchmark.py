@@ -124,7 +124,12 @@ def training_memory_bytes(model, x, autocast=False):
         key = _storage_key(tensor)
         if key[0] and key not in saved:
             saved[key] = key[1]
-        return tensor
+        # Not the tensor itself: a saved output packed as itself refers
+        # back to the graph node that saves it, a cycle through C++ that
+        # Python's collector cannot see, so the whole graph (every saved
+        # activation) outlived the call. A detached view holds only the
+        # storage; this graph is never run backward.
+        return tensor.detach()
 
     param_keys = {_storage_key(p) for p in model.parameters()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -70,6 +70,22 @@ def test_training_memory_counts_state_and_saved_activations():
     assert per_image == 4 * 16 * 16 * (3 + 8 + 8 + 4)
 
 
+def test_training_memory_frees_the_graph_it_measures():
+    """The measured forward's saved tensors die with the call (packing a
+    tensor as itself in ``saved_tensors_hooks`` kept the whole graph alive:
+    +1.5 GB per call for R50 at 800x1216)."""
+    import gc
+    import weakref
+    net = _net()
+    outputs = []
+    net[0].register_forward_hook(
+        lambda m, i, o: outputs.append(weakref.ref(o)))
+    training_memory_bytes(net, torch.randn(1, 3, 16, 16))
+    gc.collect()
+    assert len(outputs) == 2  # the step's forward and the measured one
+    assert all(ref() is None for ref in outputs)
+
+
 def test_time_interleaved_reports_medians_for_every_callable():
     calls = {'a': lambda x: x + 1, 'b': lambda x: stage_loss((x, x))}
     wall, cpu = time_interleaved(calls, torch.ones(4), warmup=1, repeats=3)
