@@ -99,6 +99,49 @@ def test_channel_dot_matches_einsum(dtype, batch):
                       weight), dtype)
 
 
+def test_fast_paths_support_double_backward():
+    """Every hand-written backward is differentiable itself: second
+    derivatives (gradient penalties, ``create_graph=True``) through the
+    fast paths are autograd's (``gradgradcheck``, float64). GE-θ⁻'s gate
+    once saved a gate computed without autograd, and its second derivative
+    silently dropped the gate's dependence on the map."""
+    from torch.autograd import gradgradcheck
+    torch.manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    x, identity = leaf(2, 3, 4, 5), leaf(2, 3, 4, 5)
+    gate = torch.rand(2, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    checks = [
+        (channel_gate, (x, gate)),
+        (channel_gate_add, (x, gate, identity)),
+        (channel_dot, (x, leaf(3, 4, 5))),
+        (global_mean_gate, (x, )),
+        (global_mean_gate, (x, identity)),
+        (lambda t: adaptive_avg_pool2d_banded(t, (3, 3)), (leaf(2, 3, 7, 8), )),
+        (pointwise_product, (leaf(4, 3, 1, 1), x)),
+    ]
+    # The modules whole (their own fast paths inside, e.g. PSI's squeeze).
+    modules = [GatherExcite(4, variant=variant, feature_size=3, reduction=2)
+               for variant in ('parameter_free', 'depthwise',
+                               'depthwise_excite')]
+    modules += [PatchSpatialInteraction(4, feature_size=3, grid_size=3),
+                SpatialBias(4, pool_size=2)]
+    x, identity = leaf(2, 4, 3, 3), leaf(2, 4, 3, 3)
+    for module in modules:
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        module.double().eval()  # fixed norms: a deterministic function
+        if hasattr(module, 'forward_residual'):
+            checks.append((module.forward_residual, (x, identity)))
+        checks.append((module, (x, )))
+    for fn, inputs in checks[:7]:  # the functions take their fast paths
+        assert fn(*inputs).grad_fn.name() != 'MulBackward0'
+    for fn, inputs in checks:
+        assert gradgradcheck(fn, inputs), fn
+
+
 def test_fused_ops_fall_back_where_autograd_does_not_record():
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():

@@ -9,8 +9,10 @@ gradient. These functions compute the same gradients with the reductions
 done as dot products (no full-size temporaries) and, for GE-θ⁻, ``x``'s
 whole gradient in one pass. Given the block's ``identity``, they also do
 the residual add in the same pass (``addcmul``). Results equal autograd's
-up to float rounding (``tests/test_fast_paths.py``); traced and exported
-graphs use the plain ops (``size_generic_path``).
+up to float rounding (``tests/test_fast_paths.py``), and so do second
+derivatives (``create_graph=True``: the backward passes are built from
+differentiable ops on the saved inputs); traced and exported graphs use the
+plain ops (``size_generic_path``).
 """
 import torch
 
@@ -118,6 +120,10 @@ class _GlobalMeanGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, gate = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph (double backward): the saved gate was computed
+            # without autograd, so rebuild it from x for its own gradient.
+            gate = x.mean((2, 3), keepdim=True).sigmoid()
         area = x.shape[2] * x.shape[3]
         # d/dx_i of x_i * s(m) with m = mean(x): s(m) + <grad, x> s'(m) / area
         # for every pixel i of the channel.
