@@ -142,6 +142,35 @@ def test_fast_paths_support_double_backward():
         assert gradgradcheck(fn, inputs), fn
 
 
+def test_fast_paths_keep_autocast_dtypes():
+    """Under bfloat16 autocast every module's fast path gives the output
+    dtype and, up to bfloat16 rounding, the values of its plain ops (GE-θ's
+    global gather once computed its dot product in float32 there, which
+    carried float32 through the gate into the block's output)."""
+    torch.manual_seed(0)
+    modules = [GatherExcite(8, variant=variant, feature_size=4, reduction=2)
+               for variant in ('parameter_free', 'depthwise',
+                               'depthwise_excite')]
+    modules += [PatchSpatialInteraction(8, feature_size=4, grid_size=4),
+                SpatialBias(8, pool_size=2)]
+    # a map as a conv under autocast gives it
+    x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16, requires_grad=True)
+    identity = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
+    for module in modules:
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        calls = [module]
+        if hasattr(module, 'forward_residual'):
+            calls.append(lambda t: module.forward_residual(t, identity))
+        for call in calls:
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                fast = call(x)
+                with size_generic():
+                    plain = call(x)
+            assert fast.dtype == plain.dtype == torch.bfloat16, module
+            torch.testing.assert_close(fast, plain, rtol=0.05, atol=0.05)
+
+
 def test_fused_ops_fall_back_where_autograd_does_not_record():
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():

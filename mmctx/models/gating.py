@@ -158,8 +158,13 @@ def channel_gate_add(x, gate, identity):
 
 
 def channel_dot(x, weight):
-    """``einsum('bchw,chw->bc', x, weight)`` with contiguous gradients."""
-    if _fused(x, weight) and weight.shape == x.shape[1:]:
+    """``einsum('bchw,chw->bc', x, weight)`` with contiguous gradients.
+    Under autocast, einsum itself: autocast runs it (like the depthwise conv
+    it stands for) in the low-precision dtype, while the product and sum
+    inside the hand-written one would promote to float32 and carry float32
+    through the gate into the block's output."""
+    if _fused(x, weight) and weight.shape == x.shape[1:] \
+            and not torch.is_autocast_enabled(x.device.type):
         return _ChannelDot.apply(x, weight)
     return torch.einsum('bchw,chw->bc', x, weight)
 
