@@ -425,6 +425,43 @@ def test_gated_bottleneck_equals_the_upstream_block(backbone, monkeypatch):
                 torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize('backbone', [
+    dict(type='GEResNet', ge=dict(variant='parameter_free')),
+    dict(type='GEResNet', ge=dict(variant='depthwise')),
+    dict(type='GEResNet', ge=dict(variant='depthwise_excite')),
+    dict(type='PSIResNet', psi=dict(grid_size=4)),
+    dict(type='SBResNet'),
+])
+def test_backbones_keep_autocast_dtypes(backbone):
+    """Under bfloat16 autocast, training and inference (GE: the norm3 fold)
+    give the stage outputs of the plain ops: same dtypes, same values up to
+    bfloat16 rounding (the fold once returned float32 there)."""
+    from mmengine.registry import MODELS
+    torch.manual_seed(0)
+    cfg = dict(backbone, depth=14)
+    if backbone['type'] != 'SBResNet':
+        cfg['reference_input_size'] = 32
+    net = MODELS.build(cfg)
+    net.init_weights()
+    _randomise_backbone(net)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    for training in (True, False):
+        for size in (32, 40):
+            x = torch.randn(2, 3, size, size)
+            outs = []
+            for plain in (False, True):
+                net.load_state_dict(state)
+                net.train(training)
+                with torch.set_grad_enabled(training), \
+                        torch.autocast('cpu', dtype=torch.bfloat16), \
+                        size_generic(plain):
+                    outs.append(net(x))
+            for fast, ref in zip(*outs):
+                assert fast.dtype == ref.dtype, (training, size)
+                torch.testing.assert_close(fast.float(), ref.float(),
+                                           rtol=0.05, atol=0.05)
+
+
 def test_gated_bottleneck_keeps_a_hooked_gate_on_the_upstream_path():
     """A forward hook on the gate sees the gate's own output (not the
     block's sum), so a hooked gate runs the upstream forward."""

@@ -21,7 +21,9 @@ class GEBottleneck(GatedBottleneck):
     upstream forward runs unchanged: while it runs, ``norm3`` passes its
     input through and the first after_conv3 plugin applies both. Training,
     autograd, traced / exported graphs and hooked layers take the plain
-    path; both paths compute the same output (``tests/test_fast_paths.py``).
+    path, and so does autocast (the fold's float32 norm constants would
+    change the output dtype); both paths compute the same output
+    (``tests/test_fast_paths.py``).
     """
 
     _fold_norm3 = False
@@ -36,6 +38,10 @@ class GEBottleneck(GatedBottleneck):
         if self.training or torch.is_grad_enabled() or not self.with_plugins \
                 or not self.after_conv3_plugin_names or size_generic_path(x) \
                 or torch.jit.is_tracing():  # FLOP counters: the plain ops
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            # The fold's float32 norm constants would make the output
+            # float32 where the plain path keeps autocast's dtype.
             return False
         norm = getattr(self, self.norm3_name)
         gate = getattr(self, self.after_conv3_plugin_names[0])
