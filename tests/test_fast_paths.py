@@ -88,15 +88,42 @@ def test_banded_pool_equals_adaptive_avg_pool(dtype, shape, size):
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
-@pytest.mark.parametrize('batch', [1, 3])
-def test_channel_dot_matches_einsum(dtype, batch):
-    x = torch.randn(batch, 4, 5, 6, dtype=dtype)
-    weight = torch.randn(4, 5, 6, dtype=dtype)
+@pytest.mark.parametrize('batch', [1, 3, 19])  # 19: three batched products
+@pytest.mark.parametrize('size', [(5, 6), (8, 9)])  # kernel grad: sum, GEMM
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_channel_dot_matches_einsum(dtype, batch, size, channels_last):
+    x = torch.randn(batch, 4, *size, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(4, *size, dtype=dtype)
+
+    def plain(a, w):
+        return torch.einsum('bchw,chw->bc', a, w)
+
     fused = grads(channel_dot, x, weight)
-    assert fused[1][0].is_contiguous()  # what the layers below receive
-    assert_same(fused,
-                grads(lambda a, w: torch.einsum('bchw,chw->bc', a, w), x,
-                      weight), dtype)
+    # what the layers below receive: x's own layout
+    assert fused[1][0].is_contiguous(memory_format=torch.channels_last
+                                     if channels_last else
+                                     torch.contiguous_format)
+    assert_same(fused, grads(plain, x, weight), dtype)
+    with torch.no_grad():  # inference: the same dot products, no autograd
+        torch.testing.assert_close(channel_dot(x, weight), plain(x, weight))
+
+
+@pytest.mark.parametrize('batch', [1, 3])
+def test_channel_gates_of_channels_last_maps_match_autograd(batch):
+    """The gates' gradient reductions on maps that are not contiguous
+    (channels_last: a product and a sum instead of the dot products)."""
+    x = torch.randn(batch, 3, 5, 7).to(memory_format=torch.channels_last)
+    gate = torch.rand(batch, 3, 1, 1)
+    identity = torch.randn(batch, 3, 5, 7)
+    assert_same(grads(channel_gate_add, x, gate, identity),
+                grads(lambda a, b, i: i + a * b, x, gate, identity),
+                torch.float32)
+    assert_same(
+        grads(global_mean_gate, x),
+        grads(lambda t: t * t.mean((2, 3), True).sigmoid(), x),
+        torch.float32)
 
 
 def test_fast_paths_support_double_backward():

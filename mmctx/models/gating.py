@@ -21,25 +21,82 @@ from .utils import size_generic_path
 
 # Above this size a temporary map is a fresh allocation whose page faults
 # cost more than the product (glibc serves blocks above its mmap threshold,
-# at most 32 MiB, with fresh pages); below it, a product and a sum beat
-# batched dot products.
+# at most 32 MiB, with fresh pages). Only non-contiguous (channels_last)
+# maps still choose by it: contiguous ones take the batched dot products
+# below, which write no temporary at all.
 _TEMPORARY_LIMIT = 32 << 20
+
+# Images per batched product in ``_channel_dots``: MKL's batched GEMM runs
+# this product 2-3x slower per image from 16 images on (2 CPU threads).
+_IMAGES_PER_PRODUCT = 8
+
+# Below this many pixels per map, the kernel gradient's batched product
+# costs more per call than a product and a sum.
+_MIN_PIXELS_FOR_PRODUCT = 64
 
 
 def _small(x):
     return x.numel() * x.element_size() <= _TEMPORARY_LIMIT
 
 
+def _row_dots(a, b):
+    """(R, N), (R, N) -> (R, 1, 1): each row of ``a`` dotted with the same
+    row of ``b``, as one batched GEMM whose second operand is ``b`` read
+    transposed in place, so that both operands have unit strides (given as
+    an (N, 1) column view instead, MKL takes a path 4-9x slower:
+    ``tools/analysis/fast_path_ab.py``)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(1).transpose(1, 2))
+
+
 def _dot_hw(a, b):
-    """sum over H, W of ``a * b``, (B, C, H, W) -> (B, C, 1, 1). Small
-    maps: the product and a sum; large ones: batched dot products (no
-    (B, C, H, W) temporary)."""
-    if _small(a):
-        return (a * b).sum((2, 3), keepdim=True)
+    """sum over H, W of ``a * b``, (B, C, H, W) -> (B, C, 1, 1): batched dot
+    products for contiguous maps (one read of each, no (B, C, H, W)
+    temporary), else the product and a sum."""
     batch, channels = a.shape[:2]
-    a = a.reshape(batch * channels, 1, -1)
-    b = b.reshape(batch * channels, -1, 1)
-    return torch.bmm(a, b).view(batch, channels, 1, 1)
+    if a.is_contiguous() and b.is_contiguous():
+        rows = batch * channels
+        return _row_dots(a.view(rows, -1), b.view(rows, -1)).view(
+            batch, channels, 1, 1)
+    return (a * b).sum((2, 3), keepdim=True)
+
+
+def _channel_dots(x, weight):
+    """(B, C, H, W), (C, H, W) -> (B, C), each channel's dot product with its
+    own kernel, for contiguous ``x`` and ``weight``: per channel, the
+    images' rows times the kernel, a batched GEMM over channels that reads
+    ``x`` and the kernels in place."""
+    batch, channels = x.shape[:2]
+    kernels = weight.reshape(channels, 1, -1).transpose(1, 2)  # (C, N, 1)
+    maps = x.view(batch, channels, -1)
+    dots = [torch.bmm(chunk.transpose(0, 1), kernels)
+            for chunk in maps.split(_IMAGES_PER_PRODUCT)]  # (C, b, 1) each
+    dots = dots[0] if len(dots) == 1 else torch.cat(dots, 1)
+    return dots.view(channels, batch).t().contiguous()
+
+
+def _channel_dot_values(x, weight):
+    """``einsum('bchw,chw->bc', x, weight)``, without autograd."""
+    if x.is_contiguous() and weight.is_contiguous():
+        return _channel_dots(x, weight)
+    if _small(x):
+        return (x * weight).sum((2, 3))
+    return torch.einsum('bchw,chw->bc', x, weight)
+
+
+def _kernel_grad(grad, x):
+    """(B, C), (B, C, H, W) -> (C, H, W): Σ_b grad[b, c] x[b, c], the
+    gradient of each channel's kernel in :func:`_channel_dots`."""
+    batch, channels = x.shape[:2]
+    if batch == 1:
+        return grad.view(-1, 1, 1) * x[0]
+    if x.is_contiguous() and x[0, 0].numel() >= _MIN_PIXELS_FOR_PRODUCT:
+        # per channel, the images' gradients times their rows
+        return torch.bmm(grad.t().contiguous().unsqueeze(1),
+                         x.view(batch, channels, -1).transpose(0, 1)).view(
+                             x.shape[1:])
+    if _small(x):
+        return (grad[..., None, None] * x).sum(0)
+    return torch.einsum('bc,bchw->chw', grad, x)
 
 
 class _ChannelGate(torch.autograd.Function):
@@ -83,9 +140,7 @@ class _ChannelDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        if _small(x):
-            return (x * weight).sum((2, 3))
-        return torch.einsum('bchw,chw->bc', x, weight)
+        return _channel_dot_values(x, weight)
 
     @staticmethod
     def backward(ctx, grad):
@@ -94,13 +149,7 @@ class _ChannelDot(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad[..., None, None] * weight).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad = grad.to(x.dtype)
-            if x.shape[0] == 1:
-                grad_weight = grad.view(-1, 1, 1) * x[0]
-            elif _small(x):
-                grad_weight = (grad[..., None, None] * x).sum(0)
-            else:
-                grad_weight = torch.einsum('bc,bchw->chw', grad, x)
+            grad_weight = _kernel_grad(grad.to(x.dtype), x)
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x, grad_weight
 
@@ -162,11 +211,15 @@ def channel_dot(x, weight):
     Under autocast, einsum itself: autocast runs it (like the depthwise conv
     it stands for) in the low-precision dtype, while the product and sum
     inside the hand-written one would promote to float32 and carry float32
-    through the gate into the block's output."""
-    if _fused(x, weight) and weight.shape == x.shape[1:] \
-            and not torch.is_autocast_enabled(x.device.type):
+    through the gate into the block's output. Inference (nothing to
+    record) takes the same batched dot products without autograd."""
+    if x.dim() != 4 or weight.shape != x.shape[1:] \
+            or torch.is_autocast_enabled(x.device.type) \
+            or size_generic_path(x) or torch.jit.is_tracing():
+        return torch.einsum('bchw,chw->bc', x, weight)
+    if _fused(x, weight):
         return _ChannelDot.apply(x, weight)
-    return torch.einsum('bchw,chw->bc', x, weight)
+    return _channel_dot_values(x, weight)
 
 
 def global_mean_gate(x, identity=None):

@@ -6,6 +6,11 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
   GEMMs of ``mmctx.models.utils.adaptive_avg_pool2d_banded``, on the maps
   GE-θ resamples in each ResNet-50 stage at ``--shape`` (eval, and forward
   + backward);
+- the gates' per-channel reductions as batched dot products
+  (``mmctx.models.gating``: the gate gradient's sum over H, W of
+  ``grad * x``, GE-θ's global gather and its kernel gradient) vs the plain
+  product and sum / einsum, on each ResNet-50 stage's map at 224x224 batch
+  8 and at ``--shape`` batch 1;
 - the gate and the residual add in one pass (``GatedBottleneck``) vs the
   upstream block (gate, then ``out += identity``), on one stage-1 block of
   GE-θ⁻ / GE-θ⁺ / PSI-ResNet-50 at ``--block-shape`` (train: forward +
@@ -26,9 +31,13 @@ from mmengine.registry import MODELS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import mmctx  # noqa: E402,F401  (registers the mmctx backbones)
-from mmctx.benchmark import BACKBONES, time_two_paths  # noqa: E402
+from mmctx.benchmark import (BACKBONES, TrainingStep,  # noqa: E402
+                             time_two_paths)
 from mmctx.models.backbones.gated_bottleneck import (  # noqa: E402
     GatedBottleneck)
+from mmctx.models import gating  # noqa: E402
+from mmctx.models.gating import (_channel_dots, _dot_hw,  # noqa: E402
+                                 _kernel_grad)
 from mmctx.models.utils import adaptive_avg_pool2d_banded  # noqa: E402
 
 
@@ -41,6 +50,8 @@ def parse_args():
     p.add_argument('--batch', type=int, default=8,
                    help='batch of the block comparison (8)')
     p.add_argument('--repeats', type=int, default=45)
+    p.add_argument('--network-repeats', type=int, default=9,
+                   help='pairs of whole-network runs (9)')
     p.add_argument('--threads', type=int, help='intra-op threads')
     return p.parse_args()
 
@@ -71,6 +82,106 @@ def pooling_rows(shape, repeats):
                f'| {plain:.1f} → {fast:.1f} '
                f'| {plain_train:.1f} → {fast_train:.1f} |')
         height, width = math.ceil(height / 2), math.ceil(width / 2)
+
+
+def reduction_rows(shape, repeats):
+    """Per stage: Σ_HW grad·x, the global gather's dot products and its
+    kernel gradient (GE-θ), batched dot products vs plain ops, ms."""
+    settings = ((8, (56, 56)), (1, tuple(math.ceil(s / 4) for s in shape)))
+    for batch, (height, width) in settings:
+        for stage in range(4):
+            channels = 256 * 2**stage
+            grad, x = (torch.randn(batch, channels, height, width)
+                       for _ in range(2))
+            # GE-θ's gather reads its map resampled to the reference grid
+            grid = 56 // 2**stage
+            maps = torch.randn(batch, channels, grid, grid)
+            kernel = torch.randn(channels, grid, grid)
+            context_grad = torch.randn(batch, channels)
+            rows = batch * channels
+            _, _, column = time_two_paths(  # an (N, 1) column view
+                lambda: _dot_hw(grad, x), lambda: torch.bmm(
+                    grad.view(rows, 1, -1), x.view(rows, -1, 1)), repeats)
+            fast = [time_two_paths(f, g, repeats)[1:] for f, g in (
+                (lambda: _dot_hw(grad, x),
+                 lambda: (grad * x).sum((2, 3), keepdim=True)),
+                (lambda: _channel_dots(maps, kernel),
+                 lambda: torch.einsum('bchw,chw->bc', maps, kernel)),
+                (lambda: _kernel_grad(context_grad, maps),
+                 lambda: torch.einsum('bc,bchw->chw', context_grad, maps)))]
+            cells = ' | '.join(f'{plain:.2f} → {new:.2f}'
+                               for new, plain in fast)
+            cells = f'{column:.2f} / {cells}'
+            yield (f'| {stage + 1} | {batch}x{channels}x{height}x{width} '
+                   f'({grid}x{grid}) | {cells} |')
+            height, width = math.ceil(height / 2), math.ceil(width / 2)
+
+
+def previous_dot_hw(a, b):
+    """The previous release's reduction: a product and a sum up to 32 MiB,
+    else a GEMM with an (N, 1) column view."""
+    if a.numel() * a.element_size() <= 32 << 20:
+        return (a * b).sum((2, 3), keepdim=True)
+    rows = a.shape[0] * a.shape[1]
+    return torch.bmm(a.view(rows, 1, -1), b.view(rows, -1, 1)).view(
+        *a.shape[:2], 1, 1)
+
+
+def previous_channel_dots(x, weight):
+    if x.numel() * x.element_size() <= 32 << 20:
+        return (x * weight).sum((2, 3))
+    return torch.einsum('bchw,chw->bc', x, weight)
+
+
+def previous_kernel_grad(grad, x):
+    if x.shape[0] == 1:
+        return grad.view(-1, 1, 1) * x[0]
+    if x.numel() * x.element_size() <= 32 << 20:
+        return (grad[..., None, None] * x).sum(0)
+    return torch.einsum('bc,bchw->chw', grad, x)
+
+
+def network_rows(shape, repeats):
+    """GE-R50 training steps and inference with the dot products vs the
+    previous release's reductions (patched into mmctx.models.gating)."""
+    current = {name: getattr(gating, name) for name in
+               ('_dot_hw', '_channel_dots', '_kernel_grad')}
+    previous = dict(_dot_hw=previous_dot_hw,
+                    _channel_dots=previous_channel_dots,
+                    _kernel_grad=previous_kernel_grad)
+    # inference took einsum (no autograd to bypass)
+    previous_inference = dict(previous, _channel_dots=lambda x, w:
+                              torch.einsum('bchw,chw->bc', x, w))
+    for batch, size_ in ((8, (224, 224)), (1, shape)):
+        x = torch.randn(batch, 3, *size_)
+        for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50'):
+            net = MODELS.build(BACKBONES[name])
+            net.init_weights()
+            step = TrainingStep(net)
+
+            def run(functions, train):
+                for attr, fn in functions.items():
+                    setattr(gating, attr, fn)
+                if train:
+                    step(x)
+                else:
+                    net.eval()
+                    with torch.no_grad():
+                        net(x)
+                    net.train()
+
+            try:
+                train, _, _ = time_two_paths(lambda: run(current, True),
+                                             lambda: run(previous, True),
+                                             repeats)
+                infer, _, _ = time_two_paths(
+                    lambda: run(current, False),
+                    lambda: run(previous_inference, False), repeats)
+            finally:
+                for attr, fn in current.items():
+                    setattr(gating, attr, fn)
+            yield (f'| {name} | {batch}x3x{size_[0]}x{size_[1]} '
+                   f'| {train:.3f} | {infer:.3f} |')
 
 
 def block_rows(shape, batch, repeats):
@@ -113,6 +224,23 @@ def main():
     print('| stage | map → grid | eval | forward + backward |\n'
           '|---|---|---:|---:|')
     for row in pooling_rows(size(args.shape), args.repeats):
+        print(row)
+    print('\n## GE\'s per-channel reductions, ms, plain ops → batched dot '
+          'products\n\n'
+          'Σ_HW grad·x: the gate gradient (the same GEMM with an (N, 1) '
+          'column view / `(grad * x).sum` → dot products); gather: GE-θ\'s '
+          'global gather on the map resampled to its grid (`einsum`); '
+          'kernel gradient: the gather\'s (`einsum`). Batch 8: 224x224; '
+          f'batch 1: {args.shape}.\n')
+    print('| stage | map (grid) | Σ_HW grad·x | gather | kernel gradient |\n'
+          '|---|---|---:|---:|---:|')
+    for row in reduction_rows(size(args.shape), args.repeats):
+        print(row)
+    print('\n## GE-ResNet-50 with the dot products / with the previous '
+          'release\'s reductions (median ratio; training step and '
+          'inference)\n')
+    print('| model | input | train step | inference |\n|---|---|---:|---:|')
+    for row in network_rows(size(args.shape), args.network_repeats):
         print(row)
     print(f'\n## One stage-1 block at {args.block_shape} batch {args.batch}: '
           'gate + residual add in one pass / upstream (median ratio)\n')
