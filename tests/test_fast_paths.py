@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mmctx.models import (GatherExcite, GEResNet, PatchSpatialInteraction,
                           SpatialBias)
 from mmctx.models.gating import (channel_dot, channel_gate, channel_gate_add,
-                                 global_mean_gate)
+                                 channel_scale_shift, global_mean_gate)
 from mmctx.models.utils import (PointwiseConv2d, adaptive_avg_pool2d_banded,
                                 pointwise_product, size_generic)
 
@@ -108,6 +108,37 @@ def test_channel_dot_matches_einsum(dtype, batch, size, channels_last):
     assert_same(fused, grads(plain, x, weight), dtype)
     with torch.no_grad():  # inference: the same dot products, no autograd
         torch.testing.assert_close(channel_dot(x, weight), plain(x, weight))
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('shift_batch', [3, 1])
+def test_channel_scale_shift_equals_addcmul(dtype, shift_batch,
+                                            monkeypatch):
+    """The per-row multiply-add through the inference batch-norm kernel (GE's
+    norm3 fold, GE-θ⁻'s gate gradient) gives addcmul's result; a map it does
+    not apply to (channels_last, a gradient to record) gets addcmul."""
+    kernel_calls = []
+    batch_norm = F.batch_norm
+    monkeypatch.setattr(F, 'batch_norm', lambda *args: kernel_calls.append(
+        args[0].shape) or batch_norm(*args))
+    x = torch.randn(3, 4, 5, 6, dtype=dtype)
+    scale = torch.randn(3, 4, 1, 1, dtype=dtype)
+    shift = torch.randn(shift_batch, 4, 1, 1, dtype=dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype is torch.float64 else \
+        dict(rtol=1e-6, atol=1e-6)
+    expected = torch.addcmul(shift, x, scale)
+    out = channel_scale_shift(x, scale, shift)
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out, expected, **tol)
+    assert kernel_calls == [(1, 12, 5, 6)]  # one row per image and channel
+    last = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(channel_scale_shift(last, scale, shift),
+                               expected, **tol)
+    # Recorded by autograd: addcmul (the kernel's backward is not needed)
+    out = channel_scale_shift(x, scale.requires_grad_(), shift)
+    assert type(out.grad_fn).__name__ == 'AddcmulBackward0'
+    torch.testing.assert_close(out, expected, **tol)
+    assert len(kernel_calls) == 1
 
 
 @pytest.mark.parametrize('batch', [1, 3])

@@ -11,7 +11,7 @@ from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
 from .gating import (channel_dot, channel_gate, channel_gate_add,
-                     global_mean_gate)
+                     channel_scale_shift, global_mean_gate)
 from .utils import (check_choice, check_init_cfg, check_layer_cfg,
                     check_positive_int, check_size, hooked, normalize,
                     resample_to, size_generic_path)
@@ -209,8 +209,8 @@ class GatherExcite(BaseModule):
         if self.variant == 'depthwise_excite':
             context = self._excite(F.relu(context))
         gate = context.sigmoid()
-        return torch.addcmul(shift.view(1, -1, 1, 1) * gate, x,
-                             scale.view(1, -1, 1, 1) * gate)
+        return channel_scale_shift(x, scale.view(1, -1, 1, 1) * gate,
+                                   shift.view(1, -1, 1, 1) * gate)
 
     def _excite(self, context):
         """``self.excite(context)``. On a (B, C, 1, 1) context (global

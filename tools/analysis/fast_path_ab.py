@@ -35,7 +35,7 @@ from mmctx.benchmark import (BACKBONES, TrainingStep,  # noqa: E402
                              time_two_paths)
 from mmctx.models.backbones.gated_bottleneck import (  # noqa: E402
     GatedBottleneck)
-from mmctx.models import gating  # noqa: E402
+from mmctx.models import gather_excite, gating  # noqa: E402
 from mmctx.models.gating import (_channel_dots, _dot_hw,  # noqa: E402
                                  _kernel_grad)
 from mmctx.models.utils import adaptive_avg_pool2d_banded  # noqa: E402
@@ -109,6 +109,11 @@ def reduction_rows(shape, repeats):
                  lambda: torch.einsum('bchw,chw->bc', maps, kernel)),
                 (lambda: _kernel_grad(context_grad, maps),
                  lambda: torch.einsum('bc,bchw->chw', context_grad, maps)))]
+            scale, shift = (torch.rand(batch, channels, 1, 1)
+                            for _ in range(2))
+            fast.append(time_two_paths(
+                lambda: gating.channel_scale_shift(x, scale, shift),
+                lambda: torch.addcmul(shift, x, scale), repeats)[1:])
             cells = ' | '.join(f'{plain:.2f} → {new:.2f}'
                                for new, plain in fast)
             cells = f'{column:.2f} / {cells}'
@@ -142,13 +147,17 @@ def previous_kernel_grad(grad, x):
 
 
 def network_rows(shape, repeats):
-    """GE-R50 training steps and inference with the dot products vs the
-    previous release's reductions (patched into mmctx.models.gating)."""
+    """GE-R50 training steps and inference with this release's reductions
+    and multiply-adds vs the previous release's (patched into
+    mmctx.models.gating and gather_excite)."""
     current = {name: getattr(gating, name) for name in
-               ('_dot_hw', '_channel_dots', '_kernel_grad')}
+               ('_dot_hw', '_channel_dots', '_kernel_grad',
+                'channel_scale_shift')}
     previous = dict(_dot_hw=previous_dot_hw,
                     _channel_dots=previous_channel_dots,
-                    _kernel_grad=previous_kernel_grad)
+                    _kernel_grad=previous_kernel_grad,
+                    channel_scale_shift=lambda x, scale, shift:
+                    torch.addcmul(shift, x, scale))
     # inference took einsum (no autograd to bypass)
     previous_inference = dict(previous, _channel_dots=lambda x, w:
                               torch.einsum('bchw,chw->bc', x, w))
@@ -162,6 +171,8 @@ def network_rows(shape, repeats):
             def run(functions, train):
                 for attr, fn in functions.items():
                     setattr(gating, attr, fn)
+                gather_excite.channel_scale_shift = \
+                    functions['channel_scale_shift']
                 if train:
                     step(x)
                 else:
@@ -180,6 +191,8 @@ def network_rows(shape, repeats):
             finally:
                 for attr, fn in current.items():
                     setattr(gating, attr, fn)
+                gather_excite.channel_scale_shift = \
+                    current['channel_scale_shift']
             yield (f'| {name} | {batch}x3x{size_[0]}x{size_[1]} '
                    f'| {train:.3f} | {infer:.3f} |')
 
@@ -230,15 +243,18 @@ def main():
           'Σ_HW grad·x: the gate gradient (the same GEMM with an (N, 1) '
           'column view / `(grad * x).sum` → dot products); gather: GE-θ\'s '
           'global gather on the map resampled to its grid (`einsum`); '
-          'kernel gradient: the gather\'s (`einsum`). Batch 8: 224x224; '
+          'kernel gradient: the gather\'s (`einsum`); multiply-add: '
+          '`shift + x * scale` per image and channel (GE\'s norm3 fold in '
+          'inference, GE-θ⁻\'s gate gradient; `addcmul` → '
+          '`channel_scale_shift`). Batch 8: 224x224; '
           f'batch 1: {args.shape}.\n')
-    print('| stage | map (grid) | Σ_HW grad·x | gather | kernel gradient |\n'
-          '|---|---|---:|---:|---:|')
+    print('| stage | map (grid) | Σ_HW grad·x | gather | kernel gradient '
+          '| multiply-add |\n|---|---|---:|---:|---:|---:|')
     for row in reduction_rows(size(args.shape), args.repeats):
         print(row)
-    print('\n## GE-ResNet-50 with the dot products / with the previous '
-          'release\'s reductions (median ratio; training step and '
-          'inference)\n')
+    print('\n## GE-ResNet-50 with the dot products and `channel_scale_shift` / '
+          'with the previous release\'s reductions and `addcmul` (median '
+          'ratio; training step and inference)\n')
     print('| model | input | train step | inference |\n|---|---|---:|---:|')
     for row in network_rows(size(args.shape), args.network_repeats):
         print(row)
