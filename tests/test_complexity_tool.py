@@ -61,25 +61,41 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
-    """tools/analysis/fast_path_ab.py prints both tables, every stage and
-    every gated model, with positive times and ratios."""
+    """tools/analysis/fast_path_ab.py prints all four tables, every stage,
+    setting and gated model, with positive times and ratios."""
     stdout = run([
         sys.executable, repo_root / 'tools' / 'analysis' /
         'fast_path_ab.py', '--shape', '64x96', '--block-shape', '32x32',
-        '--batch', '2', '--repeats', '1'
+        '--batch', '2', '--repeats', '1', '--network-repeats', '1'
     ], timeout=300)
-    rows = [line.strip('|').split('|') for line in stdout.splitlines()
-            if line.startswith('| ') and not line.startswith('| stage')
-            and not line.startswith('| model')]
-    pools = [r for r in rows if '→' in r[1]]
-    blocks = [r for r in rows if '→' not in r[1]]
+    tables = [[line.strip('|').split('|') for line in section.splitlines()
+               if line.startswith('| ') and not line.startswith('| stage')
+               and not line.startswith('| model')]
+              for section in stdout.split('\n## ')[1:]]
+    pools, reductions, networks, blocks = tables
+
+    def numbers(cell):
+        return [float(v) for v in cell.replace('/', '→').split('→')]
+
     assert [r[0].strip() for r in pools] == ['1', '2', '3', '4']
     assert pools[0][1].strip() == '1x256x16x24 → 56'
+    assert [r[1].strip() for r in reductions] == [
+        '2x256x8x8 (56x56)', '2x512x4x4 (28x28)', '2x1024x2x2 (14x14)',
+        '2x2048x1x1 (7x7)', '1x256x16x24 (56x56)', '1x512x8x12 (28x28)',
+        '1x1024x4x6 (14x14)', '1x2048x2x3 (7x7)']
+    assert [(r[0].strip(), r[1].strip()) for r in networks] == [
+        (name, size) for size in ('2x3x32x32', '1x3x64x96')
+        for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50')]
     assert [r[0].strip() for r in blocks] == ['GE-θ⁻-R50', 'GE-θ⁺-R50',
                                               'PSI-R50']
     for r in pools:
         for cell in r[2:]:
-            assert all(float(v) > 0 for v in cell.split('→'))
+            assert all(v > 0 for v in numbers(cell)), r
+    for r in reductions:  # ms to 2 decimals: a 2x2048x1x1 map reads 0.00
+        for cell in r[2:]:
+            assert all(v >= 0 for v in numbers(cell)), r
+    for r in networks:
+        assert all(float(v) > 0 for v in r[2:]), r
     for r in blocks:
         assert all(float(v) > 0 for v in r[1:])
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""A/B timings of two fast paths against the plain code they replace, in
+"""A/B timings of the fast paths against the plain code they replace, in
 one process, alternating the two (``mmctx.benchmark.time_two_paths``):
 
 - resampling to the reference grid: ``F.adaptive_avg_pool2d`` vs the banded
@@ -9,8 +9,11 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
 - the gates' per-channel reductions as batched dot products
   (``mmctx.models.gating``: the gate gradient's sum over H, W of
   ``grad * x``, GE-θ's global gather and its kernel gradient) vs the plain
-  product and sum / einsum, on each ResNet-50 stage's map at 224x224 batch
-  8 and at ``--shape`` batch 1;
+  product and sum / einsum, and ``shift + x * scale`` per image and channel
+  (``channel_scale_shift``) vs ``addcmul``, on each ResNet-50 stage's map
+  at 224x224 batch 8 and at ``--shape`` batch 1; and whole GE-ResNet-50s
+  (training step, inference) with those against the previous release's
+  code, patched in;
 - the gate and the residual add in one pass (``GatedBottleneck``) vs the
   upstream block (gate, then ``out += identity``), on one stage-1 block of
   GE-θ⁻ / GE-θ⁺ / PSI-ResNet-50 at ``--block-shape`` (train: forward +
@@ -44,11 +47,13 @@ from mmctx.models.utils import adaptive_avg_pool2d_banded  # noqa: E402
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--shape', default='800x1216',
-                   help='input HxW whose stage maps are resampled (800x1216)')
+                   help='input HxW of the batch-1 setting: the maps GE-θ '
+                   'resamples, reductions, networks (800x1216)')
     p.add_argument('--block-shape', default='224x224',
-                   help='input HxW of the block comparison (224x224)')
+                   help='input HxW of the batched setting: the block '
+                   'comparison, reductions, networks (224x224)')
     p.add_argument('--batch', type=int, default=8,
-                   help='batch of the block comparison (8)')
+                   help='batch of the batched setting (8)')
     p.add_argument('--repeats', type=int, default=45)
     p.add_argument('--network-repeats', type=int, default=9,
                    help='pairs of whole-network runs (9)')
@@ -84,10 +89,11 @@ def pooling_rows(shape, repeats):
         height, width = math.ceil(height / 2), math.ceil(width / 2)
 
 
-def reduction_rows(shape, repeats):
+def reduction_rows(shape, block_shape, batch, repeats):
     """Per stage: Σ_HW grad·x, the global gather's dot products and its
     kernel gradient (GE-θ), batched dot products vs plain ops, ms."""
-    settings = ((8, (56, 56)), (1, tuple(math.ceil(s / 4) for s in shape)))
+    settings = ((batch, tuple(math.ceil(s / 4) for s in block_shape)),
+                (1, tuple(math.ceil(s / 4) for s in shape)))
     for batch, (height, width) in settings:
         for stage in range(4):
             channels = 256 * 2**stage
@@ -146,7 +152,7 @@ def previous_kernel_grad(grad, x):
     return torch.einsum('bc,bchw->chw', grad, x)
 
 
-def network_rows(shape, repeats):
+def network_rows(shape, block_shape, batch, repeats):
     """GE-R50 training steps and inference with this release's reductions
     and multiply-adds vs the previous release's (patched into
     mmctx.models.gating and gather_excite)."""
@@ -161,7 +167,7 @@ def network_rows(shape, repeats):
     # inference took einsum (no autograd to bypass)
     previous_inference = dict(previous, _channel_dots=lambda x, w:
                               torch.einsum('bchw,chw->bc', x, w))
-    for batch, size_ in ((8, (224, 224)), (1, shape)):
+    for batch, size_ in ((batch, block_shape), (1, shape)):
         x = torch.randn(batch, 3, *size_)
         for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50'):
             net = MODELS.build(BACKBONES[name])
@@ -246,17 +252,19 @@ def main():
           'kernel gradient: the gather\'s (`einsum`); multiply-add: '
           '`shift + x * scale` per image and channel (GE\'s norm3 fold in '
           'inference, GE-θ⁻\'s gate gradient; `addcmul` → '
-          '`channel_scale_shift`). Batch 8: 224x224; '
+          f'`channel_scale_shift`). Batch {args.batch}: {args.block_shape}; '
           f'batch 1: {args.shape}.\n')
     print('| stage | map (grid) | Σ_HW grad·x | gather | kernel gradient '
           '| multiply-add |\n|---|---|---:|---:|---:|---:|')
-    for row in reduction_rows(size(args.shape), args.repeats):
+    for row in reduction_rows(size(args.shape), size(args.block_shape),
+                              args.batch, args.repeats):
         print(row)
     print('\n## GE-ResNet-50 with the dot products and `channel_scale_shift` / '
           'with the previous release\'s reductions and `addcmul` (median '
           'ratio; training step and inference)\n')
     print('| model | input | train step | inference |\n|---|---|---:|---:|')
-    for row in network_rows(size(args.shape), args.network_repeats):
+    for row in network_rows(size(args.shape), size(args.block_shape),
+                            args.batch, args.network_repeats):
         print(row)
     print(f'\n## One stage-1 block at {args.block_shape} batch {args.batch}: '
           'gate + residual add in one pass / upstream (median ratio)\n')
