@@ -48,3 +48,31 @@ def test_dist_train_two_cpu_processes(run, repo_root, tiny_det_config,
     text = logs[0].read_text()
     assert f'Iter(train) [{ITERS}/{ITERS}]' in text
     assert text.count('Iter(train) [1/') == 1  # one rank writes the log
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason='exercises the CPU (gloo) path')
+def test_gloo_process_group_is_destroyed_at_exit(run, tmp_path, free_port):
+    """mmengine never destroys the process group; gloo's threads then meet
+    the interpreter's shutdown and a rank can abort (SIGABRT) after its
+    work is done. mmctx's launcher destroys the group at exit, before any
+    exit handler registered earlier (this script's check) runs."""
+    import sys
+    script = tmp_path / 'init_and_exit.py'
+    script.write_text('\n'.join([
+        'import atexit',
+        'import torch, torch.distributed as dist',
+        'atexit.register(lambda: print("initialized at exit:",',
+        '                              dist.is_initialized()))',
+        'import mmctx',
+        'from mmengine.dist import init_dist',
+        'init_dist("pytorch")',
+        't = torch.ones(3)',
+        'dist.all_reduce(t)',
+        'print("backend:", dist.get_backend(), "sum:", t.tolist())',
+    ]))
+    log = run([sys.executable, script],
+              env=dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1',
+                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port)))
+    assert 'backend: gloo sum: [1.0, 1.0, 1.0]' in log
+    assert 'initialized at exit: False' in log, log

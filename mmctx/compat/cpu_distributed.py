@@ -4,8 +4,10 @@ mmengine's launchers call ``torch.cuda.set_device`` and default to NCCL, DDP
 gets ``device_ids=[LOCAL_RANK]`` and ``SyncBatchNorm`` refuses CPU tensors.
 Only when ``torch.cuda.is_available()`` is False, :func:`patch_cpu_distributed`
 inits with gloo, skips ``set_device``, builds DDP with ``device_ids=None`` and
-reverts SyncBN to BN under CPU DDP. Idempotent.
+reverts SyncBN to BN under CPU DDP, and destroys the process group at exit
+(see :func:`_destroy_process_group_at_exit`). Idempotent.
 """
+import atexit
 import contextlib
 import functools
 import logging
@@ -33,6 +35,19 @@ def _no_cuda_set_device():
         torch.cuda.set_device = orig
 
 
+def _destroy_process_group_at_exit():
+    """mmengine's runners never destroy the process group. Gloo's worker
+    threads then still hold finished work (tensors) when the interpreter
+    shuts down, and a rank could abort in C++ ("terminate called without an
+    active exception", SIGABRT) after training had finished -- seen once in
+    CI with ``tools/dist_train.sh``. Destroying the group while Python is
+    still alive joins those threads; it needs no collective call with gloo
+    and is a no-op if the script already destroyed it."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _cpu_launcher(orig):
 
     @functools.wraps(orig)
@@ -47,7 +62,11 @@ def _cpu_launcher(orig):
                 level=logging.INFO)
             backend = 'gloo'
         with _no_cuda_set_device():
-            return orig(backend, *args, **kwargs)
+            result = orig(backend, *args, **kwargs)
+        # once per process, however often a launcher inits
+        atexit.unregister(_destroy_process_group_at_exit)
+        atexit.register(_destroy_process_group_at_exit)
+        return result
 
     setattr(init, _PATCH_FLAG, True)
     return init
