@@ -53,10 +53,11 @@ def test_dist_train_two_cpu_processes(run, repo_root, tiny_det_config,
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason='exercises the CPU (gloo) path')
 def test_gloo_process_group_is_destroyed_at_exit(run, tmp_path, free_port):
-    """mmengine never destroys the process group; gloo's threads then meet
-    the interpreter's shutdown and a rank can abort (SIGABRT) after its
-    work is done. mmctx's launcher destroys the group at exit, before any
-    exit handler registered earlier (this script's check) runs."""
+    """mmengine never destroys the process group, and a gloo worker that
+    frees a finished work's tensors while Python finalises aborts the rank
+    (SIGABRT) after its training is done. mmctx's launcher registers an exit
+    handler that waits for the workers and destroys the group; it runs
+    before any exit handler registered earlier (this script's check)."""
     import sys
     script = tmp_path / 'init_and_exit.py'
     script.write_text('\n'.join([
