@@ -61,7 +61,7 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
-    """tools/analysis/fast_path_ab.py prints all four tables, every stage,
+    """tools/analysis/fast_path_ab.py prints all five tables, every stage,
     setting and gated model, with positive times and ratios."""
     stdout = run([
         sys.executable, repo_root / 'tools' / 'analysis' /
@@ -72,7 +72,7 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
                if line.startswith('| ') and not line.startswith('| stage')
                and not line.startswith('| model')]
               for section in stdout.split('\n## ')[1:]]
-    pools, reductions, networks, blocks = tables
+    pools, reductions, networks, pixel_gates, blocks = tables
 
     def numbers(cell):
         return [float(v) for v in cell.replace('/', '→').split('→')]
@@ -85,7 +85,7 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
         '1x1024x4x6 (14x14)', '1x2048x2x3 (7x7)']
     assert [(r[0].strip(), r[1].strip()) for r in networks] == [
         (name, size) for size in ('2x3x32x32', '1x3x64x96')
-        for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50')]
+        for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50')]
     assert [r[0].strip() for r in blocks] == ['GE-θ⁻-R50', 'GE-θ⁺-R50',
                                               'PSI-R50']
     for r in pools:
@@ -96,6 +96,10 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
             assert all(v >= 0 for v in numbers(cell)), r
     for r in networks:
         assert all(float(v) > 0 for v in r[2:]), r
+    assert [r[1].strip() for r in pixel_gates] == [
+        '2x256x8x8', '2x512x4x4', '2x1024x2x2', '2x2048x1x1']
+    for r in pixel_gates:
+        assert all(v > 0 for v in numbers(r[2])), r
     for r in blocks:
         assert all(float(v) > 0 for v in r[1:])
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from mmctx.models import (GatherExcite, GEResNet, PatchSpatialInteraction,
                           SpatialBias)
 from mmctx.models.gating import (channel_dot, channel_gate, channel_gate_add,
-                                 channel_scale_shift, global_mean_gate)
+                                 channel_scale_shift, global_mean_gate,
+                                 pixel_gate_add)
 from mmctx.models.utils import (PointwiseConv2d, adaptive_avg_pool2d_banded,
                                 pointwise_product, size_generic)
 
@@ -64,6 +65,31 @@ def test_gates_with_the_residual_add_match_autograd(dtype, shape):
         grads(global_mean_gate, x, identity),
         grads(lambda a, i: i + a * a.mean((2, 3), True).sigmoid(), x,
               identity), dtype)
+    # PSI: one weight per image and pixel
+    weights = torch.rand(shape[0], 1, *shape[2:], dtype=dtype)
+    fused = grads(pixel_gate_add, x, weights, identity)
+    assert fused[0].dtype == dtype
+    assert_same(fused, grads(lambda a, b, i: i + a * b, x, weights, identity),
+                dtype)
+
+
+def test_pixel_gate_add_takes_its_backward_only_where_autograd_records():
+    x, identity = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    weights = torch.rand(2, 1, 4, 5, requires_grad=True)
+    assert pixel_gate_add(x, weights, identity).grad_fn.name() == \
+        '_PixelGateAddBackward'
+    # Only the weights need a gradient: x and the identity get None.
+    pixel_gate_add(x, weights, identity).sum().backward()
+    torch.testing.assert_close(weights.grad, x.sum(1, keepdim=True))
+    with torch.no_grad():
+        assert pixel_gate_add(x, weights, identity).grad_fn is None
+    with size_generic():  # traced / exported graphs: the plain op
+        assert pixel_gate_add(x, weights, identity).grad_fn.name() == \
+            'AddcmulBackward0'
+    # weights that are not one per image and pixel: the plain op
+    channel = torch.rand(2, 3, 1, 1, requires_grad=True)
+    assert pixel_gate_add(x, channel, identity).grad_fn.name() == \
+        'AddcmulBackward0'
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
@@ -171,9 +197,12 @@ def test_fast_paths_support_double_backward():
 
     x, identity = leaf(2, 3, 4, 5), leaf(2, 3, 4, 5)
     gate = torch.rand(2, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    pixel_weights = torch.rand(2, 1, 4, 5, dtype=torch.float64,
+                               requires_grad=True)
     checks = [
         (channel_gate, (x, gate)),
         (channel_gate_add, (x, gate, identity)),
+        (pixel_gate_add, (x, pixel_weights, identity)),
         (channel_dot, (x, leaf(3, 4, 5))),
         (global_mean_gate, (x, )),
         (global_mean_gate, (x, identity)),
@@ -194,8 +223,9 @@ def test_fast_paths_support_double_backward():
         if hasattr(module, 'forward_residual'):
             checks.append((module.forward_residual, (x, identity)))
         checks.append((module, (x, )))
-    for fn, inputs in checks[:7]:  # the functions take their fast paths
-        assert fn(*inputs).grad_fn.name() != 'MulBackward0'
+    for fn, inputs in checks[:8]:  # the functions take their fast paths
+        assert fn(*inputs).grad_fn.name() not in ('MulBackward0',
+                                                  'AddcmulBackward0')
     for fn, inputs in checks:
         assert gradgradcheck(fn, inputs), fn
 
@@ -286,6 +316,17 @@ def test_gather_excite_fused_equals_plain_ops(variant, size):
         ge.load_state_dict(state)
 
 
+class ResidualForm(torch.nn.Module):
+    """``gate.forward_residual(x, identity)`` as a module of x."""
+
+    def __init__(self, gate, identity):
+        super().__init__()
+        self.gate, self.identity = gate, identity
+
+    def forward(self, x):
+        return self.gate.forward_residual(x, self.identity)
+
+
 def test_psi_fused_equals_plain_ops():
     torch.manual_seed(0)
     psi = PatchSpatialInteraction(8, feature_size=8, grid_size=4)
@@ -296,6 +337,13 @@ def test_psi_fused_equals_plain_ops():
         fused = module_grads(psi, x)
         with size_generic():
             reference = module_grads(psi, x)
+        assert_same(fused, reference, torch.float64)
+        # the residual form (the bottlenecks' call): pixel_gate_add
+        identity = torch.randn(2, 8, size, size, dtype=torch.float64)
+        residual = ResidualForm(psi, identity)
+        fused = module_grads(residual, x)
+        with size_generic():
+            reference = module_grads(residual, x)
         assert_same(fused, reference, torch.float64)
 
 

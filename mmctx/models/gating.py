@@ -8,7 +8,8 @@ gate's shape, and a global mean in front of the gate adds another full map
 gradient. These functions compute the same gradients with the reductions
 done as dot products (no full-size temporaries) and, for GE-θ⁻, ``x``'s
 whole gradient in one pass. Given the block's ``identity``, they also do
-the residual add in the same pass (``addcmul``). Results equal autograd's
+the residual add in the same pass (``addcmul``); so does PSI's gate, one
+weight per image and pixel (:func:`pixel_gate_add`). Results equal autograd's
 up to float rounding (``tests/test_fast_paths.py``), and so do second
 derivatives (``create_graph=True``: the backward passes are built from
 differentiable ops on the saved inputs); traced and exported graphs use the
@@ -132,6 +133,29 @@ class _ChannelGateAdd(torch.autograd.Function):
         return grad_x, grad_gate, grad if ctx.needs_input_grad[2] else None
 
 
+class _PixelGateAdd(torch.autograd.Function):
+    """``identity + x * weights`` with one weight per image and pixel,
+    (B, 1, H, W) (PSI). Autograd's ``addcmul`` backward forms ``x * value``
+    (value = 1) as a full map before multiplying it by the gradient: a
+    pass over the map that computes nothing. This one takes the products
+    straight from the saved inputs."""
+
+    @staticmethod
+    def forward(ctx, x, weights, identity):
+        ctx.save_for_backward(x, weights)
+        return torch.addcmul(identity, x, weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weights = ctx.saved_tensors
+        grad_x = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad * weights).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weights = (grad * x).sum(1, keepdim=True).to(weights.dtype)
+        return grad_x, grad_weights, grad if ctx.needs_input_grad[2] else None
+
+
 class _ChannelDot(torch.autograd.Function):
     """(B, C, H, W) x (C, H, W) -> (B, C): each channel's dot product with
     its own kernel, i.e. a depthwise conv whose kernel covers the map. The
@@ -232,6 +256,15 @@ def channel_gate_add(x, gate, identity):
     if _fused(x, gate, identity) and gate.shape == (*x.shape[:2], 1, 1):
         return _ChannelGateAdd.apply(x, gate, identity)
     return torch.addcmul(identity, x, gate)
+
+
+def pixel_gate_add(x, weights, identity):
+    """``identity + x * weights`` for (B, 1, H, W) ``weights``, in one pass,
+    with a backward that skips autograd's extra pass (``_PixelGateAdd``)."""
+    if _fused(x, weights, identity) \
+            and weights.shape == (x.shape[0], 1, *x.shape[2:]):
+        return _PixelGateAdd.apply(x, weights, identity)
+    return torch.addcmul(identity, x, weights)
 
 
 def channel_dot(x, weight):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
+from .gating import pixel_gate_add
 from .utils import (check_init_cfg, check_positive_int, check_real,
                     check_size, gemm_applies, pointwise_product,
                     resample_to, size_generic_path)
@@ -134,4 +135,4 @@ class PatchSpatialInteraction(BaseModule):
     def forward_residual(self, x, identity):
         """``identity + self(x)``, the weighting and a residual block's add
         in one pass over the map (used by the mmctx bottlenecks)."""
-        return torch.addcmul(identity, x, self.pixel_weights(x))
+        return pixel_gate_add(x, self.pixel_weights(x), identity)

@@ -13,7 +13,11 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
   (``channel_scale_shift``) vs ``addcmul``, on each ResNet-50 stage's map
   at 224x224 batch 8 and at ``--shape`` batch 1; and whole GE-ResNet-50s
   (training step, inference) with those against the previous release's
-  code, patched in;
+  code, patched in, and PSI-ResNet-50 with its gate's hand-written backward
+  (``pixel_gate_add``) against ``addcmul``'s autograd (its inference row
+  runs the same code twice: a control);
+- PSI's gate and residual add (``pixel_gate_add``) vs ``addcmul``'s
+  autograd on each stage's map at ``--block-shape`` (forward + backward);
 - the gate and the residual add in one pass (``GatedBottleneck``) vs the
   upstream block (gate, then ``out += identity``), on one stage-1 block of
   GE-θ⁻ / GE-θ⁺ / PSI-ResNet-50 at ``--block-shape`` (train: forward +
@@ -21,6 +25,7 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --shape 800x1216 --repeats 45
+    python tools/analysis/fast_path_ab.py --network-models PSI-R50
 """
 import argparse
 import math
@@ -38,10 +43,15 @@ from mmctx.benchmark import (BACKBONES, TrainingStep,  # noqa: E402
                              time_two_paths)
 from mmctx.models.backbones.gated_bottleneck import (  # noqa: E402
     GatedBottleneck)
-from mmctx.models import gather_excite, gating  # noqa: E402
+from mmctx.models import (gather_excite, gating,  # noqa: E402
+                          patch_spatial_interaction)
 from mmctx.models.gating import (_channel_dots, _dot_hw,  # noqa: E402
                                  _kernel_grad)
 from mmctx.models.utils import adaptive_avg_pool2d_banded  # noqa: E402
+
+
+# rows of the whole-network table
+NETWORKS = ['GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50']
 
 
 def parse_args():
@@ -57,6 +67,9 @@ def parse_args():
     p.add_argument('--repeats', type=int, default=45)
     p.add_argument('--network-repeats', type=int, default=9,
                    help='pairs of whole-network runs (9)')
+    p.add_argument('--network-models', nargs='+', choices=NETWORKS,
+                   default=NETWORKS, help='rows of the whole-network '
+                   'table (all four)')
     p.add_argument('--threads', type=int, help='intra-op threads')
     return p.parse_args()
 
@@ -152,24 +165,27 @@ def previous_kernel_grad(grad, x):
     return torch.einsum('bc,bchw->chw', grad, x)
 
 
-def network_rows(shape, block_shape, batch, repeats):
+def network_rows(shape, block_shape, batch, repeats, names=NETWORKS):
     """GE-R50 training steps and inference with this release's reductions
     and multiply-adds vs the previous release's (patched into
-    mmctx.models.gating and gather_excite)."""
+    mmctx.models.gating and gather_excite); PSI-R50 with ``pixel_gate_add``
+    vs ``addcmul``."""
     current = {name: getattr(gating, name) for name in
                ('_dot_hw', '_channel_dots', '_kernel_grad',
-                'channel_scale_shift')}
+                'channel_scale_shift', 'pixel_gate_add')}
     previous = dict(_dot_hw=previous_dot_hw,
                     _channel_dots=previous_channel_dots,
                     _kernel_grad=previous_kernel_grad,
                     channel_scale_shift=lambda x, scale, shift:
-                    torch.addcmul(shift, x, scale))
+                    torch.addcmul(shift, x, scale),
+                    pixel_gate_add=lambda x, weights, identity:
+                    torch.addcmul(identity, x, weights))
     # inference took einsum (no autograd to bypass)
     previous_inference = dict(previous, _channel_dots=lambda x, w:
                               torch.einsum('bchw,chw->bc', x, w))
     for batch, size_ in ((batch, block_shape), (1, shape)):
         x = torch.randn(batch, 3, *size_)
-        for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50'):
+        for name in names:
             net = MODELS.build(BACKBONES[name])
             net.init_weights()
             step = TrainingStep(net)
@@ -179,6 +195,8 @@ def network_rows(shape, block_shape, batch, repeats):
                     setattr(gating, attr, fn)
                 gather_excite.channel_scale_shift = \
                     functions['channel_scale_shift']
+                patch_spatial_interaction.pixel_gate_add = \
+                    functions['pixel_gate_add']
                 if train:
                     step(x)
                 else:
@@ -199,8 +217,44 @@ def network_rows(shape, block_shape, batch, repeats):
                     setattr(gating, attr, fn)
                 gather_excite.channel_scale_shift = \
                     current['channel_scale_shift']
+                patch_spatial_interaction.pixel_gate_add = \
+                    current['pixel_gate_add']
             yield (f'| {name} | {batch}x3x{size_[0]}x{size_[1]} '
                    f'| {train:.3f} | {infer:.3f} |')
+
+
+def pixel_gate_rows(shape, batch, repeats):
+    """PSI's gate with the residual add on each stage's map, forward +
+    backward: ``addcmul``'s autograd vs ``pixel_gate_add``."""
+    from mmctx.models import PatchSpatialInteraction
+    for stage, channels in enumerate((256, 512, 1024, 2048)):
+        stride = 4 << stage
+        dims = (batch, channels, math.ceil(shape[0] / stride),
+                math.ceil(shape[1] / stride))
+        psi = PatchSpatialInteraction(channels, feature_size=64 >> stage)
+        psi.init_weights()
+        torch.nn.init.normal_(psi.mlp[-1].weight, std=0.1)  # real weights
+        leaf = torch.randn(dims, requires_grad=True)
+        identity, grad = torch.randn(dims), torch.randn(dims)
+
+        def step(gate_add):
+            patch_spatial_interaction.pixel_gate_add = gate_add
+            # a non-leaf map, as in a block (its gradient is not copied
+            # into .grad); the identity's gradient, the incoming one
+            # itself on both paths, is left out
+            psi.forward_residual(leaf.view_as(leaf), identity).backward(grad)
+            leaf.grad = None
+
+        current = patch_spatial_interaction.pixel_gate_add
+        try:
+            _, fast, plain = time_two_paths(
+                lambda: step(current),
+                lambda: step(lambda x, w, i: torch.addcmul(i, x, w)),
+                repeats)
+        finally:
+            patch_spatial_interaction.pixel_gate_add = current
+        yield (f'| {stage + 1} | {"x".join(map(str, dims))} '
+               f'| {plain:.2f} → {fast:.2f} |')
 
 
 def block_rows(shape, batch, repeats):
@@ -260,11 +314,20 @@ def main():
                               args.batch, args.repeats):
         print(row)
     print('\n## GE-ResNet-50 with the dot products and `channel_scale_shift` / '
-          'with the previous release\'s reductions and `addcmul` (median '
+          'with the previous release\'s reductions and `addcmul`; '
+          'PSI-ResNet-50 with `pixel_gate_add` / `addcmul` (median '
           'ratio; training step and inference)\n')
     print('| model | input | train step | inference |\n|---|---|---:|---:|')
     for row in network_rows(size(args.shape), size(args.block_shape),
-                            args.batch, args.network_repeats):
+                            args.batch, args.network_repeats,
+                            args.network_models):
+        print(row)
+    print(f'\n## PSI\'s gate and residual add at {args.block_shape} batch '
+          f'{args.batch}, forward + backward, ms, `addcmul` → '
+          '`pixel_gate_add`\n')
+    print('| stage | map | ms |\n|---|---|---:|')
+    for row in pixel_gate_rows(size(args.block_shape), args.batch,
+                               args.repeats):
         print(row)
     print(f'\n## One stage-1 block at {args.block_shape} batch {args.batch}: '
           'gate + residual add in one pass / upstream (median ratio)\n')
