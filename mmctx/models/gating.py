@@ -133,17 +133,13 @@ class _ChannelGateAdd(torch.autograd.Function):
         return grad_x, grad_gate, grad if ctx.needs_input_grad[2] else None
 
 
-class _PixelGateAdd(torch.autograd.Function):
+class _PixelGateAdd(_ChannelGateAdd):
     """``identity + x * weights`` with one weight per image and pixel,
-    (B, 1, H, W) (PSI). Autograd's ``addcmul`` backward forms ``x * value``
-    (value = 1) as a full map before multiplying it by the gradient: a
-    pass over the map that computes nothing. This one takes the products
-    straight from the saved inputs."""
-
-    @staticmethod
-    def forward(ctx, x, weights, identity):
-        ctx.save_for_backward(x, weights)
-        return torch.addcmul(identity, x, weights)
+    (B, 1, H, W) (PSI); the forward is ``_ChannelGateAdd``'s. Autograd's
+    ``addcmul`` backward forms ``x * value`` (value = 1) as a full map
+    before multiplying it by the gradient: a pass over the map that
+    computes nothing. This one takes the products straight from the saved
+    inputs."""
 
     @staticmethod
     def backward(ctx, grad):
