@@ -51,7 +51,7 @@ def _destroy_process_group_at_exit():
     takes the GIL; once the interpreter is finalising, taking the GIL ends the
     thread inside a C++ destructor and the process aborts ("terminate called
     without an active exception", SIGABRT) after training has finished: 3 in
-    about 50 two-process runs of ``tools/dist_train.sh`` here, and once in CI.
+    43 two-process runs of ``tools/dist_train.sh`` here, and once in CI.
     Destroying the group does not stop those threads while DDP still holds
     it, so the handler first sleeps, GIL released, for
     ``_GLOO_DRAIN_SECONDS``. mmengine never destroys the group; this does it
