@@ -23,21 +23,24 @@ import torch
 
 # The backbones the cost tools compare, as registry configs. mmdet 3.3.0
 # ships no NonLocal config; NL sits like GCNet's ContextBlock, after conv3
-# (on the residual branch) of every block of the chosen stages.
-R50 = dict(type='mmdet.ResNet', depth=50)
+# (on the residual branch) of every block of the chosen stages. All train
+# their BN statistics in a training step (``norm_eval=False``, as in
+# ImageNet / CIFAR pre-training; mmdet's ResNet defaults to True, frozen
+# statistics, the detection fine-tuning setting).
+R50 = dict(type='mmdet.ResNet', depth=50, norm_eval=False)
 NL = dict(type='NonLocal2d', reduction=4, use_scale=True,
           mode='embedded_gaussian')
 GC = dict(type='ContextBlock', ratio=1. / 16)  # mmdet configs/gcnet, r16
 BACKBONES = {
     'R50': R50,
-    'SB-R50': dict(type='SBResNet', depth=50),
-    'GE-θ⁻-R50': dict(type='GEResNet', depth=50,
+    'SB-R50': dict(type='SBResNet', depth=50, norm_eval=False),
+    'GE-θ⁻-R50': dict(type='GEResNet', depth=50, norm_eval=False,
                       ge=dict(variant='parameter_free', extent='global')),
-    'GE-θ-R50': dict(type='GEResNet', depth=50,
+    'GE-θ-R50': dict(type='GEResNet', depth=50, norm_eval=False,
                      ge=dict(variant='depthwise', extent='global')),
-    'GE-θ⁺-R50': dict(type='GEResNet', depth=50,
+    'GE-θ⁺-R50': dict(type='GEResNet', depth=50, norm_eval=False,
                       ge=dict(variant='depthwise_excite', extent='global')),
-    'PSI-R50': dict(type='PSIResNet', depth=50),
+    'PSI-R50': dict(type='PSIResNet', depth=50, norm_eval=False),
     'NL-R50 (c4)': dict(R50, plugins=[dict(
         cfg=NL, stages=(False, False, True, False), position='after_conv3')]),
     'GC-R50 (r16, c3-c5)': dict(R50, plugins=[dict(

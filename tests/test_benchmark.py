@@ -29,6 +29,23 @@ def test_training_step_updates_weights_and_bn_statistics():
     assert not torch.equal(mean_before, net[1].running_mean)
 
 
+def test_compared_backbones_train_their_bn_statistics():
+    """The cost tools' backbones (mmctx.benchmark.BACKBONES) are timed as
+    the documentation says, with every BN updating its statistics: mmdet's
+    ResNet defaults to ``norm_eval=True`` (frozen statistics), which a
+    training step of the plain configs would silently have measured."""
+    from mmengine.registry import MODELS
+
+    import mmctx  # noqa: F401  (registers the backbones)
+    from mmctx.benchmark import BACKBONES, CONTROLS
+    from torch.nn.modules.batchnorm import _BatchNorm
+    for name, cfg in {**BACKBONES, **CONTROLS}.items():
+        net = MODELS.build(cfg)
+        TrainingStep(net)
+        norms = [m for m in net.modules() if isinstance(m, _BatchNorm)]
+        assert norms and all(m.training for m in norms), name
+
+
 def test_training_step_allocates_its_state_up_front_and_is_stock_sgd():
     """Gradients and momentum buffers exist from construction (one block of
     long-lived memory, not scattered among freed activations), and three

@@ -21,9 +21,16 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
 - the gate and the residual add in one pass (``GatedBottleneck``) vs the
   upstream block (gate, then ``out += identity``), on one stage-1 block of
   GE-θ⁻ / GE-θ⁺ / PSI-ResNet-50 at ``--block-shape`` (train: forward +
-  backward; eval: no_grad forward).
+  backward; eval: no_grad forward);
+- GE-θ⁻'s block tail in training (bn3, gate, residual add, ReLU) as one
+  function over C++ row kernels (``mmctx.models.norm_mean_gate``) vs the
+  plain ops, next to ResNet-50's own tail (bn3, add, ReLU), on each stage's
+  map at ``--block-shape`` batch ``--batch`` and at ``--shape`` batch 1
+  (forward + backward), and whole GE-θ⁻-ResNet-50 training steps with and
+  without it.
 
     python tools/analysis/fast_path_ab.py
+    python tools/analysis/fast_path_ab.py --tables norm-gate
     python tools/analysis/fast_path_ab.py --shape 800x1216 --repeats 45
     python tools/analysis/fast_path_ab.py --network-models PSI-R50
 """
@@ -44,7 +51,7 @@ from mmctx.benchmark import (BACKBONES, TrainingStep,  # noqa: E402
 from mmctx.models.backbones.gated_bottleneck import (  # noqa: E402
     GatedBottleneck)
 from mmctx.models import (gather_excite, gating,  # noqa: E402
-                          patch_spatial_interaction)
+                          norm_mean_gate, patch_spatial_interaction)
 from mmctx.models.gating import (_channel_dots, _dot_hw,  # noqa: E402
                                  _kernel_grad)
 from mmctx.models.utils import adaptive_avg_pool2d_banded  # noqa: E402
@@ -52,6 +59,8 @@ from mmctx.models.utils import adaptive_avg_pool2d_banded  # noqa: E402
 
 # rows of the whole-network table
 NETWORKS = ['GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50']
+TABLES = ['pooling', 'reductions', 'networks', 'pixel-gate', 'blocks',
+          'norm-gate']
 
 
 def parse_args():
@@ -70,6 +79,8 @@ def parse_args():
     p.add_argument('--network-models', nargs='+', choices=NETWORKS,
                    default=NETWORKS, help='rows of the whole-network '
                    'table (all four)')
+    p.add_argument('--tables', nargs='+', choices=TABLES, default=TABLES,
+                   help='tables to print (all)')
     p.add_argument('--threads', type=int, help='intra-op threads')
     return p.parse_args()
 
@@ -180,6 +191,11 @@ def network_rows(shape, block_shape, batch, repeats, names=NETWORKS):
                     torch.addcmul(shift, x, scale),
                     pixel_gate_add=lambda x, weights, identity:
                     torch.addcmul(identity, x, weights))
+    applies = norm_mean_gate.applies
+
+    def unfused(*args):
+        return False
+
     # inference took einsum (no autograd to bypass)
     previous_inference = dict(previous, _channel_dots=lambda x, w:
                               torch.einsum('bchw,chw->bc', x, w))
@@ -191,6 +207,8 @@ def network_rows(shape, block_shape, batch, repeats, names=NETWORKS):
             step = TrainingStep(net)
 
             def run(functions, train):
+                # both sides on the gates' ops (not the fused GE-θ⁻ tail)
+                norm_mean_gate.applies = unfused
                 for attr, fn in functions.items():
                     setattr(gating, attr, fn)
                 gather_excite.channel_scale_shift = \
@@ -213,6 +231,7 @@ def network_rows(shape, block_shape, batch, repeats, names=NETWORKS):
                     lambda: run(current, False),
                     lambda: run(previous_inference, False), repeats)
             finally:
+                norm_mean_gate.applies = applies
                 for attr, fn in current.items():
                     setattr(gating, attr, fn)
                 gather_excite.channel_scale_shift = \
@@ -286,18 +305,96 @@ def block_rows(shape, batch, repeats):
         yield f'| {name} | {train:.3f} | {infer:.3f} |'
 
 
+def norm_gate_rows(shape, block_shape, batch, repeats):
+    """GE-θ⁻'s training tail relu(identity + gate(bn3(z))) fused / plain,
+    and ResNet-50's relu(bn3(z) + identity), forward + backward, ms."""
+    def plain(z, identity, norm):
+        return F.relu(gating.global_mean_gate(norm(z), identity))
+
+    def resnet(z, identity, norm):
+        out = norm(z)
+        out += identity
+        return F.relu(out, inplace=True)
+
+    for batch_, size_ in ((batch, block_shape), (1, shape)):
+        for stage, channels in enumerate((256, 512, 1024, 2048)):
+            stride = 4 << stage
+            dims = (batch_, channels, math.ceil(size_[0] / stride),
+                    math.ceil(size_[1] / stride))
+            norm = torch.nn.BatchNorm2d(channels)
+            z = torch.randn(dims, requires_grad=True)
+            identity = torch.randn(dims, requires_grad=True)
+            grad = torch.randn(dims)
+
+            def step(tail):
+                # non-leaf inputs, as in a block
+                tail(z.view_as(z), identity.view_as(identity),
+                     norm).backward(grad)
+                z.grad = identity.grad = None
+
+            _, fused, unfused = time_two_paths(
+                lambda: step(norm_mean_gate.norm_mean_gate_add_relu),
+                lambda: step(plain), repeats)
+            _, stock, _ = time_two_paths(lambda: step(resnet),
+                                         lambda: step(plain), 5, 1)
+            yield (f'| {stage + 1} | {"x".join(map(str, dims))} '
+                   f'| {stock:.2f} | {unfused:.2f} → {fused:.2f} |')
+
+
+def norm_gate_network_rows(shape, block_shape, batch, repeats):
+    """GE-θ⁻-R50's training step with the fused tail / the plain ops."""
+    applies = norm_mean_gate.applies
+    for batch_, size_ in ((batch, block_shape), (1, shape)):
+        x = torch.randn(batch_, 3, *size_)
+        net = MODELS.build(BACKBONES['GE-θ⁻-R50'])
+        net.init_weights()
+        step = TrainingStep(net)
+
+        def run(fused):
+            norm_mean_gate.applies = applies if fused else (
+                lambda *args: False)
+            step(x)
+
+        try:
+            ratio, fast, slow = time_two_paths(lambda: run(True),
+                                               lambda: run(False), repeats)
+        finally:
+            norm_mean_gate.applies = applies
+        yield (f'| GE-θ⁻-R50 | {batch_}x3x{size_[0]}x{size_[1]} '
+               f'| {slow:.0f} → {fast:.0f} | {ratio:.3f} |')
+
+
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     MMLogger.get_instance('fast_path_ab', log_level='WARNING')
     print(f'{torch.get_num_threads()} threads, medians over {args.repeats} '
           'alternating pairs\n')
+    tables = set(args.tables)
+    if 'pooling' in tables:
+        pooling_table(args)
+    if 'reductions' in tables:
+        reduction_table(args)
+    if 'networks' in tables:
+        network_table(args)
+    if 'pixel-gate' in tables:
+        pixel_gate_table(args)
+    if 'blocks' in tables:
+        block_table(args)
+    if 'norm-gate' in tables:
+        norm_gate_table(args)
+
+
+def pooling_table(args):
     print(f'## Resampling GE-θ\'s stage maps at {args.shape}, ms, '
           '`F.adaptive_avg_pool2d` → banded GEMMs\n')
     print('| stage | map → grid | eval | forward + backward |\n'
           '|---|---|---:|---:|')
     for row in pooling_rows(size(args.shape), args.repeats):
         print(row)
+
+
+def reduction_table(args):
     print('\n## GE\'s per-channel reductions, ms, plain ops → batched dot '
           'products\n\n'
           'Σ_HW grad·x: the gate gradient (the same GEMM with an (N, 1) '
@@ -313,6 +410,9 @@ def main():
     for row in reduction_rows(size(args.shape), size(args.block_shape),
                               args.batch, args.repeats):
         print(row)
+
+
+def network_table(args):
     print('\n## GE-ResNet-50 with the dot products and `channel_scale_shift` / '
           'with the previous release\'s reductions and `addcmul`; '
           'PSI-ResNet-50 with `pixel_gate_add` / `addcmul` (median '
@@ -322,6 +422,9 @@ def main():
                             args.batch, args.network_repeats,
                             args.network_models):
         print(row)
+
+
+def pixel_gate_table(args):
     print(f'\n## PSI\'s gate and residual add at {args.block_shape} batch '
           f'{args.batch}, forward + backward, ms, `addcmul` → '
           '`pixel_gate_add`\n')
@@ -329,10 +432,32 @@ def main():
     for row in pixel_gate_rows(size(args.block_shape), args.batch,
                                args.repeats):
         print(row)
+
+
+def block_table(args):
     print(f'\n## One stage-1 block at {args.block_shape} batch {args.batch}: '
           'gate + residual add in one pass / upstream (median ratio)\n')
     print('| model | train | eval |\n|---|---:|---:|')
     for row in block_rows(size(args.block_shape), args.batch, args.repeats):
+        print(row)
+
+
+def norm_gate_table(args):
+    print('\n## GE-θ⁻\'s block tail in training (bn3, gate, residual add, '
+          'ReLU), forward + backward, ms: ResNet-50\'s tail (bn3, add, ReLU) '
+          'for reference; GE-θ⁻\'s, plain ops → one function '
+          f'(`norm_mean_gate`). Batch {args.batch}: {args.block_shape}; '
+          f'batch 1: {args.shape}.\n')
+    print('| stage | map | ResNet-50 | GE-θ⁻ |\n|---|---|---:|---:|')
+    for row in norm_gate_rows(size(args.shape), size(args.block_shape),
+                              args.batch, args.repeats):
+        print(row)
+    print('\n## GE-θ⁻-ResNet-50 training step, plain tails → fused tails '
+          '(ms, median ratio)\n')
+    print('| model | input | ms | ratio |\n|---|---|---:|---:|')
+    for row in norm_gate_network_rows(size(args.shape),
+                                      size(args.block_shape), args.batch,
+                                      args.network_repeats):
         print(row)
 
 

@@ -1,0 +1,170 @@
+// Training-mode BatchNorm + global-mean Gather-Excite gate (GE-θ⁻) + residual
+// add + ReLU of a bottleneck, as row passes over the (B * C, H * W) map.
+// The small per-row and per-channel algebra is done by the caller
+// (mmctx/models/norm_mean_gate.py); these kernels only read and write maps.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace {
+
+// Rows are summed in float over chunks of this many values (vectorised),
+// and the chunks' sums in double.
+constexpr int64_t kChunk = 1024;
+
+void check_map(const torch::Tensor& t, const torch::Tensor& like,
+               const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
+                  t.scalar_type() == like.scalar_type() &&
+                  t.sizes() == like.sizes(),
+              name, " must be a contiguous CPU tensor like the input map");
+}
+
+torch::Tensor row_values(const torch::Tensor& t, const torch::Tensor& like) {
+  return t.to(like.scalar_type()).contiguous();
+}
+
+}  // namespace
+
+// Per row of z: its sum and its sum of squares, in double (B, C) each.
+std::vector<torch::Tensor> row_moments(torch::Tensor z) {
+  TORCH_CHECK(z.dim() == 4 && z.device().is_cpu() && z.is_contiguous(),
+              "z must be a contiguous 4-D CPU tensor");
+  const int64_t rows = z.size(0) * z.size(1), n = z.numel() / rows;
+  auto opts = z.options().dtype(torch::kFloat64);
+  auto sums = torch::empty({z.size(0), z.size(1)}, opts);
+  auto squares = torch::empty({z.size(0), z.size(1)}, opts);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "row_moments", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    double* s1 = sums.data_ptr<double>();
+    double* s2 = squares.data_ptr<double>();
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* zr = zp + r * n;
+        double a = 0, b = 0;
+        _Pragma("omp simd reduction(+ : a, b)")
+        for (int64_t i = 0; i < n; ++i) {
+          const double v = zr[i];
+          a += v;
+          b += v * v;
+        }
+        s1[r] = a;
+        s2[r] = b;
+      }
+    });
+  });
+  return {sums, squares};
+}
+
+// relu(identity + z * scale[r] + shift[r]) per row r.
+torch::Tensor scale_shift_add_relu(torch::Tensor z, torch::Tensor identity,
+                                   torch::Tensor scale, torch::Tensor shift) {
+  check_map(z, z, "z");
+  check_map(identity, z, "identity");
+  auto out = torch::empty_like(z);
+  const int64_t rows = z.size(0) * z.size(1), n = z.numel() / rows;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "scale_shift_add_relu", [&] {
+    auto sc = row_values(scale, z), sh = row_values(shift, z);
+    const scalar_t *zp = z.data_ptr<scalar_t>(),
+                   *ip = identity.data_ptr<scalar_t>(),
+                   *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t *zr = zp + r * n, *ir = ip + r * n;
+        scalar_t* orow = op + r * n;
+        const scalar_t a = scp[r], b = shp[r];
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t v = ir[i] + (zr[i] * a + b);
+          orow[i] = v > scalar_t(0) ? v : scalar_t(0);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// ReLU's backward, grad * (out > 0), written out (it is the identity's
+// gradient), and per row its sum and its dot product with z (double).
+std::vector<torch::Tensor> relu_grad_moments(torch::Tensor grad,
+                                             torch::Tensor out,
+                                             torch::Tensor z) {
+  check_map(z, z, "z");
+  check_map(grad, z, "grad");
+  check_map(out, z, "out");
+  const int64_t rows = z.size(0) * z.size(1), n = z.numel() / rows;
+  auto masked = torch::empty_like(z);
+  auto opts = z.options().dtype(torch::kFloat64);
+  auto sums = torch::empty({z.size(0), z.size(1)}, opts);
+  auto dots = torch::empty({z.size(0), z.size(1)}, opts);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "relu_grad_moments", [&] {
+    const scalar_t *gp = grad.data_ptr<scalar_t>(),
+                   *op = out.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>();
+    scalar_t* mp = masked.data_ptr<scalar_t>();
+    double *s1 = sums.data_ptr<double>(), *s2 = dots.data_ptr<double>();
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t *gr = gp + r * n, *orow = op + r * n, *zr = zp + r * n;
+        scalar_t* mr = mp + r * n;
+        double a = 0, b = 0;
+        // Float chunk sums (a double accumulator with the masked store
+        // does not vectorise), added up in double.
+        for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+          const int64_t c1 = std::min(n, c0 + kChunk);
+          scalar_t ca = 0, cb = 0;
+          _Pragma("omp simd reduction(+ : ca, cb)")
+          for (int64_t i = c0; i < c1; ++i) {
+            const scalar_t v = orow[i] > scalar_t(0) ? gr[i] : scalar_t(0);
+            mr[i] = v;
+            ca += v;
+            cb += v * zr[i];
+          }
+          a += ca;
+          b += cb;
+        }
+        s1[r] = a;
+        s2[r] = b;
+      }
+    });
+  });
+  return {masked, sums, dots};
+}
+
+// grad_scale[r] * grad + z_scale[channel of r] * z + shift[r] per row r.
+torch::Tensor combine_rows(torch::Tensor grad, torch::Tensor z,
+                           torch::Tensor grad_scale, torch::Tensor z_scale,
+                           torch::Tensor shift) {
+  check_map(z, z, "z");
+  check_map(grad, z, "grad");
+  auto result = torch::empty_like(z);
+  const int64_t channels = z.size(1), rows = z.size(0) * channels,
+                n = z.numel() / rows;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "combine_rows", [&] {
+    auto gs = row_values(grad_scale, z), zs = row_values(z_scale, z),
+         sh = row_values(shift, z);
+    const scalar_t *gp = grad.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>(),
+                   *gsp = gs.data_ptr<scalar_t>(), *zsp = zs.data_ptr<scalar_t>(),
+                   *shp = sh.data_ptr<scalar_t>();
+    scalar_t* rp = result.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t *gr = gp + r * n, *zr = zp + r * n;
+        scalar_t* rr = rp + r * n;
+        const scalar_t a = gsp[r], b = zsp[r % channels], c = shp[r];
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < n; ++i) rr[i] = a * gr[i] + b * zr[i] + c;
+      }
+    });
+  });
+  return result;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("row_moments", &row_moments);
+  m.def("scale_shift_add_relu", &scale_shift_add_relu);
+  m.def("relu_grad_moments", &relu_grad_moments);
+  m.def("combine_rows", &combine_rows);
+}
