@@ -205,10 +205,7 @@ class GatherExcite(BaseModule):
             context = self._global_dot(x) * scale + shift * kernel.sum((1, 2))
             context = normalize(self.gather_norms[0],
                                 context[..., None, None])
-        context = context.view(*x.shape[:2], 1, 1)
-        if self.variant == 'depthwise_excite':
-            context = self._excite(F.relu(context))
-        gate = context.sigmoid()
+        gate = self._gate_of_context(context.view(*x.shape[:2], 1, 1))
         return channel_scale_shift(x, scale.view(1, -1, 1, 1) * gate,
                                    shift.view(1, -1, 1, 1) * gate)
 
@@ -228,11 +225,20 @@ class GatherExcite(BaseModule):
         return F.linear(hidden, expand.weight.flatten(1),
                         expand.bias).view(context.shape)
 
-    def _gate(self, x):
-        context = self._gather(x)
+    def _gate_of_context(self, context):
         if self.variant == 'depthwise_excite':
             context = self._excite(F.relu(context))
-        gate = context.sigmoid()
+        return context.sigmoid()
+
+    def gate_from_dot(self, dot):
+        """A global depthwise gate (GE-θ, GE-θ⁺) from its gather's dot
+        products before their norm, (B, C) -> (B, C); the fused training
+        tail of :mod:`mmctx.models.norm_gate` computes those itself."""
+        context = normalize(self.gather_norms[0], dot[..., None, None])
+        return self._gate_of_context(context).flatten(1)
+
+    def _gate(self, x):
+        gate = self._gate_of_context(self._gather(x))
         return gate if self.extent == 'global' else self._expand(gate, x)
 
     def forward(self, x):

@@ -22,11 +22,11 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
   upstream block (gate, then ``out += identity``), on one stage-1 block of
   GE-θ⁻ / GE-θ⁺ / PSI-ResNet-50 at ``--block-shape`` (train: forward +
   backward; eval: no_grad forward);
-- GE-θ⁻'s block tail in training (bn3, gate, residual add, ReLU) as one
-  function over C++ row kernels (``mmctx.models.norm_mean_gate``) vs the
-  plain ops, next to ResNet-50's own tail (bn3, add, ReLU), on each stage's
-  map at ``--block-shape`` batch ``--batch`` and at ``--shape`` batch 1
-  (forward + backward), and whole GE-θ⁻-ResNet-50 training steps with and
+- GE's block tail in training (bn3, gate, residual add, ReLU) as one
+  function over C++ row kernels (``mmctx.models.norm_gate``) vs the plain
+  ops, next to ResNet-50's own tail (bn3, add, ReLU), on each stage's map
+  at ``--block-shape`` batch ``--batch`` and at ``--shape`` batch 1
+  (forward + backward), and whole GE-ResNet-50 training steps with and
   without it.
 
     python tools/analysis/fast_path_ab.py
@@ -51,7 +51,7 @@ from mmctx.benchmark import (BACKBONES, TrainingStep,  # noqa: E402
 from mmctx.models.backbones.gated_bottleneck import (  # noqa: E402
     GatedBottleneck)
 from mmctx.models import (gather_excite, gating,  # noqa: E402
-                          norm_mean_gate, patch_spatial_interaction)
+                          norm_gate, patch_spatial_interaction)
 from mmctx.models.gating import (_channel_dots, _dot_hw,  # noqa: E402
                                  _kernel_grad)
 from mmctx.models.utils import adaptive_avg_pool2d_banded  # noqa: E402
@@ -191,7 +191,7 @@ def network_rows(shape, block_shape, batch, repeats, names=NETWORKS):
                     torch.addcmul(shift, x, scale),
                     pixel_gate_add=lambda x, weights, identity:
                     torch.addcmul(identity, x, weights))
-    applies = norm_mean_gate.applies
+    applies = norm_gate.applies
 
     def unfused(*args):
         return False
@@ -208,7 +208,7 @@ def network_rows(shape, block_shape, batch, repeats, names=NETWORKS):
 
             def run(functions, train):
                 # both sides on the gates' ops (not the fused GE-θ⁻ tail)
-                norm_mean_gate.applies = unfused
+                norm_gate.applies = unfused
                 for attr, fn in functions.items():
                     setattr(gating, attr, fn)
                 gather_excite.channel_scale_shift = \
@@ -231,7 +231,7 @@ def network_rows(shape, block_shape, batch, repeats, names=NETWORKS):
                     lambda: run(current, False),
                     lambda: run(previous_inference, False), repeats)
             finally:
-                norm_mean_gate.applies = applies
+                norm_gate.applies = applies
                 for attr, fn in current.items():
                     setattr(gating, attr, fn)
                 gather_excite.channel_scale_shift = \
@@ -305,13 +305,19 @@ def block_rows(shape, batch, repeats):
         yield f'| {name} | {train:.3f} | {infer:.3f} |'
 
 
-def norm_gate_rows(shape, block_shape, batch, repeats):
-    """GE-θ⁻'s training tail relu(identity + gate(bn3(z))) fused / plain,
-    and ResNet-50's relu(bn3(z) + identity), forward + backward, ms."""
-    def plain(z, identity, norm):
-        return F.relu(gating.global_mean_gate(norm(z), identity))
+GE_VARIANTS = (('GE-θ⁻', 'parameter_free'), ('GE-θ', 'depthwise'),
+               ('GE-θ⁺', 'depthwise_excite'))
 
-    def resnet(z, identity, norm):
+
+def norm_gate_rows(shape, block_shape, batch, repeats):
+    """GE's training tail relu(identity + gate(bn3(z))) fused / plain, and
+    ResNet-50's relu(bn3(z) + identity), forward + backward, ms."""
+    from mmctx.models import GatherExcite
+
+    def plain(z, identity, norm, gate):
+        return F.relu(gate.forward_residual(norm(z), identity))
+
+    def resnet(z, identity, norm, gate):
         out = norm(z)
         out += identity
         return F.relu(out, inplace=True)
@@ -326,42 +332,52 @@ def norm_gate_rows(shape, block_shape, batch, repeats):
             identity = torch.randn(dims, requires_grad=True)
             grad = torch.randn(dims)
 
-            def step(tail):
+            def step(tail, gate):
                 # non-leaf inputs, as in a block
-                tail(z.view_as(z), identity.view_as(identity),
-                     norm).backward(grad)
+                tail(z.view_as(z), identity.view_as(identity), norm,
+                     gate).backward(grad)
                 z.grad = identity.grad = None
+                gate.zero_grad(set_to_none=True)
 
-            _, fused, unfused = time_two_paths(
-                lambda: step(norm_mean_gate.norm_mean_gate_add_relu),
-                lambda: step(plain), repeats)
-            _, stock, _ = time_two_paths(lambda: step(resnet),
-                                         lambda: step(plain), 5, 1)
+            cells = []
+            for _, variant in GE_VARIANTS:
+                # GE-R50's gates: their reference grids at 224
+                gate = GatherExcite(channels, variant=variant,
+                                    feature_size=56 >> stage)
+                for p in gate.parameters():  # real weights
+                    torch.nn.init.normal_(p, std=0.02)
+                _, fused, unfused = time_two_paths(
+                    lambda: step(norm_gate.norm_gate_add_relu, gate),
+                    lambda: step(plain, gate), repeats)
+                cells.append(f'{unfused:.2f} → {fused:.2f}')
+            _, stock, _ = time_two_paths(lambda: step(resnet, gate),
+                                         lambda: step(plain, gate), 5, 1)
             yield (f'| {stage + 1} | {"x".join(map(str, dims))} '
-                   f'| {stock:.2f} | {unfused:.2f} → {fused:.2f} |')
+                   f'| {stock:.2f} | {" | ".join(cells)} |')
 
 
 def norm_gate_network_rows(shape, block_shape, batch, repeats):
-    """GE-θ⁻-R50's training step with the fused tail / the plain ops."""
-    applies = norm_mean_gate.applies
+    """GE-R50s' training steps with the fused tails / the plain ops."""
+    applies = norm_gate.applies
     for batch_, size_ in ((batch, block_shape), (1, shape)):
         x = torch.randn(batch_, 3, *size_)
-        net = MODELS.build(BACKBONES['GE-θ⁻-R50'])
-        net.init_weights()
-        step = TrainingStep(net)
+        for name, _ in GE_VARIANTS:
+            net = MODELS.build(BACKBONES[f'{name}-R50'])
+            net.init_weights()
+            step = TrainingStep(net)
 
-        def run(fused):
-            norm_mean_gate.applies = applies if fused else (
-                lambda *args: False)
-            step(x)
+            def run(fused):
+                norm_gate.applies = applies if fused else (
+                    lambda *args: False)
+                step(x)
 
-        try:
-            ratio, fast, slow = time_two_paths(lambda: run(True),
-                                               lambda: run(False), repeats)
-        finally:
-            norm_mean_gate.applies = applies
-        yield (f'| GE-θ⁻-R50 | {batch_}x3x{size_[0]}x{size_[1]} '
-               f'| {slow:.0f} → {fast:.0f} | {ratio:.3f} |')
+            try:
+                ratio, fast, slow = time_two_paths(
+                    lambda: run(True), lambda: run(False), repeats)
+            finally:
+                norm_gate.applies = applies
+            yield (f'| {name}-R50 | {batch_}x3x{size_[0]}x{size_[1]} '
+                   f'| {slow:.0f} → {fast:.0f} | {ratio:.3f} |')
 
 
 def main():
@@ -443,23 +459,23 @@ def block_table(args):
 
 
 def norm_gate_table(args):
-    print('\n## GE-θ⁻\'s block tail in training (bn3, gate, residual add, '
-          'ReLU), forward + backward, ms: ResNet-50\'s tail (bn3, add, ReLU) '
-          'for reference; GE-θ⁻\'s, plain ops → one function '
-          f'(`norm_mean_gate`). Batch {args.batch}: {args.block_shape}; '
-          f'batch 1: {args.shape}.\n')
-    print('| stage | map | ResNet-50 | GE-θ⁻ |\n|---|---|---:|---:|')
+    print('\n## GE\'s block tail in training (bn3, gate, residual add, ReLU), '
+          'forward + backward, ms: ResNet-50\'s tail (bn3, add, ReLU) for '
+          'reference; GE\'s, plain ops → one function (`norm_gate`; GE-θ '
+          'and GE-θ⁺ with GE-R50\'s kernels, built for 224). Batch '
+          f'{args.batch}: {args.block_shape}; batch 1: {args.shape}.\n')
+    print('| stage | map | ResNet-50 | GE-θ⁻ | GE-θ | GE-θ⁺ |\n'
+          '|---|---|---:|---:|---:|---:|')
     for row in norm_gate_rows(size(args.shape), size(args.block_shape),
                               args.batch, args.repeats):
         print(row)
-    print('\n## GE-θ⁻-ResNet-50 training step, plain tails → fused tails '
+    print('\n## GE-ResNet-50 training steps, plain tails → fused tails '
           '(ms, median ratio)\n')
     print('| model | input | ms | ratio |\n|---|---|---:|---:|')
     for row in norm_gate_network_rows(size(args.shape),
                                       size(args.block_shape), args.batch,
                                       args.network_repeats):
         print(row)
-
 
 if __name__ == '__main__':
     main()

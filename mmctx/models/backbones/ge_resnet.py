@@ -6,7 +6,7 @@ from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import norm_mean_gate
+from .. import norm_gate
 from ..utils import hooked, size_generic_path
 from .context_resnet import ContextResNet
 from .gated_bottleneck import GatedBottleneck
@@ -15,8 +15,8 @@ from .gated_bottleneck import GatedBottleneck
 class GEBottleneck(GatedBottleneck):
     """Upstream Bottleneck whose inference folds norm3 into a global GE gate
     that directly follows it (:meth:`GatherExcite.forward_after_norm`),
-    whose training runs norm3, a global GE-θ⁻ gate, the residual add and
-    the ReLU as one function (:mod:`mmctx.models.norm_mean_gate`);
+    whose training runs norm3, a global GE gate, the residual add and the
+    ReLU as one function (:mod:`mmctx.models.norm_gate`);
     otherwise the gate and the residual add are one pass
     (:class:`GatedBottleneck`).
 
@@ -55,18 +55,20 @@ class GEBottleneck(GatedBottleneck):
                 and gate.extent == 'global'
                 and not hooked(norm) and not hooked(gate))
 
-    def _mean_gate_after_norm3(self, x):
-        """The GE-θ⁻ gate that is norm3's only after_conv3 plugin, where the
-        block's tail can run fused in training (norm3 a training-mode
-        BatchNorm; the map's own conditions are checked on conv3's
-        output); else None."""
-        if not self.training or len(self.after_conv3_plugin_names or ()) != 1:
+    def _gate_after_norm3(self, x):
+        """The global GE gate that is norm3's only after_conv3 plugin, where
+        the block's tail can run fused in training (norm3 a training-mode
+        BatchNorm; the rest is checked on conv3's output,
+        :func:`mmctx.models.norm_gate.applies`); else None."""
+        norm3 = getattr(self, self.norm3_name)
+        if not (self.training and norm3.training and isinstance(
+                norm3, _BatchNorm)) or len(
+                    self.after_conv3_plugin_names or ()) != 1:
             return None
-        gate = self.residual_gate(x)
-        if gate is None or getattr(gate, 'variant', None) != 'parameter_free' \
-                or gate.extent != 'global' or hooked(self.relu):
+        plugin = getattr(self, self.after_conv3_plugin_names[0])
+        if getattr(plugin, 'extent', None) != 'global' or hooked(self.relu):
             return None
-        return gate
+        return self.residual_gate(x)
 
     def _forward_fused_tail(self, x, gate):
         norm3 = getattr(self, self.norm3_name)
@@ -78,9 +80,9 @@ class GEBottleneck(GatedBottleneck):
             out = self.forward_plugin(out, self.after_conv2_plugin_names)
             out = self.conv3(out)
             identity = x if self.downsample is None else self.downsample(x)
-            if norm_mean_gate.applies(norm3, out, identity):
-                return norm_mean_gate.norm_mean_gate_add_relu(
-                    out, identity, norm3)
+            if norm_gate.applies(norm3, out, identity, gate):
+                return norm_gate.norm_gate_add_relu(out, identity, norm3,
+                                                    gate)
             return self.relu(gate.forward_residual(norm3(out), identity))
 
         if self.with_cp and x.requires_grad:
@@ -89,7 +91,7 @@ class GEBottleneck(GatedBottleneck):
 
     def forward(self, x):
         if not self._can_fold_norm3(x):
-            gate = self._mean_gate_after_norm3(x)
+            gate = self._gate_after_norm3(x)
             if gate is not None:
                 return self._forward_fused_tail(x, gate)
             return super().forward(x)

@@ -1,0 +1,235 @@
+// Training-mode BatchNorm + global Gather-Excite gate + residual add + ReLU
+// of a bottleneck, as passes over the rows of the (B * C, H * W) map. The
+// per-row and per-channel algebra is done by the caller
+// (mmctx/models/norm_gate.py); these loops only read and write maps.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace {
+
+// Sums that go with a masked store are taken in float over chunks of this
+// many values (a double accumulator there does not vectorise), and the
+// chunks' sums in double.
+constexpr int64_t kChunk = 1024;
+
+void check_map(const torch::Tensor& t, const torch::Tensor& like,
+               const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
+                  t.scalar_type() == like.scalar_type() &&
+                  t.sizes() == like.sizes(),
+              name, " must be a contiguous CPU tensor like z");
+}
+
+// A (C, H, W) kernel for a (B, C, H, W) map.
+void check_kernel(const torch::Tensor& kernel, const torch::Tensor& z) {
+  TORCH_CHECK(kernel.device().is_cpu() && kernel.is_contiguous() &&
+                  kernel.scalar_type() == z.scalar_type() &&
+                  kernel.numel() == z.numel() / z.size(0),
+              "kernel must be a contiguous CPU (C, H, W) tensor for z");
+}
+
+torch::Tensor values_like(const torch::Tensor& t, const torch::Tensor& z) {
+  return t.to(z.scalar_type()).contiguous();
+}
+
+}  // namespace
+
+// Per row of z: its sum, its sum of squares and, with a kernel, its dot
+// product with its channel's kernel; each (B, C) in double.
+std::vector<torch::Tensor> row_moments(torch::Tensor z,
+                                       c10::optional<torch::Tensor> kernel) {
+  TORCH_CHECK(z.dim() == 4, "z must be (B, C, H, W)");
+  check_map(z, z, "z");
+  if (kernel) check_kernel(*kernel, z);
+  const int64_t channels = z.size(1), rows = z.size(0) * channels,
+                n = z.numel() / rows;
+  auto opts = z.options().dtype(torch::kFloat64);
+  auto sums = torch::empty({z.size(0), channels}, opts);
+  auto squares = torch::empty({z.size(0), channels}, opts);
+  auto dots = kernel ? torch::empty({z.size(0), channels}, opts)
+                     : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "row_moments", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* kp = kernel ? kernel->data_ptr<scalar_t>() : nullptr;
+    double *s1 = sums.data_ptr<double>(), *s2 = squares.data_ptr<double>();
+    double* s3 = kernel ? dots.data_ptr<double>() : nullptr;
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* zr = zp + r * n;
+        double a = 0, b = 0, c = 0;
+        if (kp) {
+          const scalar_t* kr = kp + (r % channels) * n;
+          _Pragma("omp simd reduction(+ : a, b, c)")
+          for (int64_t i = 0; i < n; ++i) {
+            const double v = zr[i];
+            a += v;
+            b += v * v;
+            c += v * kr[i];
+          }
+          s3[r] = c;
+        } else {
+          _Pragma("omp simd reduction(+ : a, b)")
+          for (int64_t i = 0; i < n; ++i) {
+            const double v = zr[i];
+            a += v;
+            b += v * v;
+          }
+        }
+        s1[r] = a;
+        s2[r] = b;
+      }
+    });
+  });
+  if (kernel) return {sums, squares, dots};
+  return {sums, squares};
+}
+
+// relu(identity + z * scale[r] + shift[r]) per row r.
+torch::Tensor scale_shift_add_relu(torch::Tensor z, torch::Tensor identity,
+                                   torch::Tensor scale, torch::Tensor shift) {
+  check_map(z, z, "z");
+  check_map(identity, z, "identity");
+  auto out = torch::empty_like(z);
+  const int64_t rows = z.size(0) * z.size(1), n = z.numel() / rows;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "scale_shift_add_relu", [&] {
+    auto sc = values_like(scale, z), sh = values_like(shift, z);
+    const scalar_t *zp = z.data_ptr<scalar_t>(),
+                   *ip = identity.data_ptr<scalar_t>(),
+                   *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t *zr = zp + r * n, *ir = ip + r * n;
+        scalar_t* orow = op + r * n;
+        const scalar_t a = scp[r], b = shp[r];
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t v = ir[i] + (zr[i] * a + b);
+          orow[i] = v > scalar_t(0) ? v : scalar_t(0);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// ReLU's backward, grad * (out > 0), written out (it is the identity's
+// gradient), and per row its sum and its dot product with z (double).
+std::vector<torch::Tensor> relu_grad_moments(torch::Tensor grad,
+                                             torch::Tensor out,
+                                             torch::Tensor z) {
+  check_map(z, z, "z");
+  check_map(grad, z, "grad");
+  check_map(out, z, "out");
+  const int64_t rows = z.size(0) * z.size(1), n = z.numel() / rows;
+  auto masked = torch::empty_like(z);
+  auto opts = z.options().dtype(torch::kFloat64);
+  auto sums = torch::empty({z.size(0), z.size(1)}, opts);
+  auto dots = torch::empty({z.size(0), z.size(1)}, opts);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "relu_grad_moments", [&] {
+    const scalar_t *gp = grad.data_ptr<scalar_t>(),
+                   *op = out.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>();
+    scalar_t* mp = masked.data_ptr<scalar_t>();
+    double *s1 = sums.data_ptr<double>(), *s2 = dots.data_ptr<double>();
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t *gr = gp + r * n, *orow = op + r * n, *zr = zp + r * n;
+        scalar_t* mr = mp + r * n;
+        double a = 0, b = 0;
+        for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+          const int64_t c1 = std::min(n, c0 + kChunk);
+          scalar_t ca = 0, cb = 0;
+          _Pragma("omp simd reduction(+ : ca, cb)")
+          for (int64_t i = c0; i < c1; ++i) {
+            const scalar_t v = orow[i] > scalar_t(0) ? gr[i] : scalar_t(0);
+            mr[i] = v;
+            ca += v;
+            cb += v * zr[i];
+          }
+          a += ca;
+          b += cb;
+        }
+        s1[r] = a;
+        s2[r] = b;
+      }
+    });
+  });
+  return {masked, sums, dots};
+}
+
+// z's gradient, grad_scale[r] * grad + z_scale[c] * z + shift[r] per row r
+// (channel c), plus kernel_scale[r] * kernel[c] with a kernel; then also
+// the kernel's raw gradient, sum over images b of kernel_grad[b, c] * z[b, c]
+// per channel, (C, H, W).
+std::vector<torch::Tensor> combine_rows(
+    torch::Tensor grad, torch::Tensor z, torch::Tensor grad_scale,
+    torch::Tensor z_scale, torch::Tensor shift,
+    c10::optional<torch::Tensor> kernel,
+    c10::optional<torch::Tensor> kernel_scale,
+    c10::optional<torch::Tensor> kernel_grad) {
+  check_map(z, z, "z");
+  check_map(grad, z, "grad");
+  TORCH_CHECK(!kernel || (kernel_scale && kernel_grad),
+              "a kernel needs kernel_scale and kernel_grad");
+  if (kernel) check_kernel(*kernel, z);
+  auto result = torch::empty_like(z);
+  const int64_t batch = z.size(0), channels = z.size(1),
+                rows = batch * channels, n = z.numel() / rows;
+  auto grad_kernel = kernel ? torch::empty_like(*kernel) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "combine_rows", [&] {
+    auto gs = values_like(grad_scale, z), zs = values_like(z_scale, z),
+         sh = values_like(shift, z);
+    const scalar_t *gp = grad.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>(),
+                   *gsp = gs.data_ptr<scalar_t>(), *zsp = zs.data_ptr<scalar_t>(),
+                   *shp = sh.data_ptr<scalar_t>();
+    scalar_t* rp = result.data_ptr<scalar_t>();
+    if (!kernel) {
+      at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t *gr = gp + r * n, *zr = zp + r * n;
+          scalar_t* rr = rp + r * n;
+          const scalar_t a = gsp[r], b = zsp[r % channels], c = shp[r];
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < n; ++i) rr[i] = a * gr[i] + b * zr[i] + c;
+        }
+      });
+      return;
+    }
+    auto ks = values_like(*kernel_scale, z), kg = values_like(*kernel_grad, z);
+    const scalar_t *kp = kernel->data_ptr<scalar_t>(),
+                   *ksp = ks.data_ptr<scalar_t>(), *kgp = kg.data_ptr<scalar_t>();
+    scalar_t* gkp = grad_kernel.data_ptr<scalar_t>();
+    // By channel: its images' rows share the kernel and its gradient.
+    at::parallel_for(0, channels, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        const scalar_t* kr = kp + ch * n;
+        scalar_t* gkr = gkp + ch * n;
+        std::fill(gkr, gkr + n, scalar_t(0));
+        for (int64_t b = 0; b < batch; ++b) {
+          const int64_t r = b * channels + ch;
+          const scalar_t *gr = gp + r * n, *zr = zp + r * n;
+          scalar_t* rr = rp + r * n;
+          const scalar_t a = gsp[r], bz = zsp[ch], c = shp[r], d = ksp[r],
+                         e = kgp[r];
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < n; ++i) {
+            rr[i] = a * gr[i] + bz * zr[i] + c + d * kr[i];
+            gkr[i] += e * zr[i];
+          }
+        }
+      }
+    });
+  });
+  if (kernel) return {result, grad_kernel};
+  return {result};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("row_moments", &row_moments);
+  m.def("scale_shift_add_relu", &scale_shift_add_relu);
+  m.def("relu_grad_moments", &relu_grad_moments);
+  m.def("combine_rows", &combine_rows);
+}

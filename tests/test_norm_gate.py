@@ -1,0 +1,314 @@
+"""A Gather-Excite bottleneck's tail in training as one function over C++
+row kernels (mmctx.models.norm_gate): bn3 (batch statistics, running
+statistics updated), the global gate (GE-θ⁻'s mean; GE-θ / GE-θ⁺'s kernel,
+norm and excite), the residual add and the ReLU give what the plain ops
+give, in the function, in GE-ResNet blocks and whole backbones; everything
+else keeps the plain ops."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.registry import MODELS
+
+from mmctx.models import GatherExcite, norm_gate
+from mmctx.models.utils import size_generic
+
+VARIANTS = ('parameter_free', 'depthwise', 'depthwise_excite')
+
+
+def plain_tail(z, identity, norm, gate):
+    return F.relu(gate.forward_residual(norm(z), identity))
+
+
+def random_norm(channels, dtype, **kwargs):
+    norm = nn.BatchNorm2d(channels, **kwargs).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+        if norm.running_mean is not None:
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+    return norm
+
+
+def random_gate(channels, variant, size, dtype):
+    gate = GatherExcite(channels, variant=variant, feature_size=size,
+                        reduction=2).to(dtype)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_(0, 0.3)
+    return gate
+
+
+def tail_results(tail, z, identity, norm, gate):
+    z = z.detach().clone().requires_grad_()
+    identity = identity.detach().clone().requires_grad_()
+    norm.zero_grad()
+    gate.zero_grad()
+    out = tail(z, identity, norm, gate)
+    weight = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weight).sum().backward()
+    return [out.detach(), z.grad, identity.grad, norm.weight.grad,
+            norm.bias.grad] + [p.grad for p in gate.parameters()] + [
+                b.clone() for m in (norm, gate) for b in m.buffers()]
+
+
+@pytest.mark.parametrize('size', [(7, 9), (16, 24), (4, 4), (3, 4)])
+def test_resample_adjoint_is_the_adjoint_of_the_resampling(size):
+    """<x, resample_adjoint(k)> = <resample_to(x), k> for every map x, and
+    its gradient is the resampling (``gradcheck``)."""
+    from torch.autograd import gradcheck
+
+    from mmctx.models.utils import resample_adjoint, resample_to
+    torch.manual_seed(0)
+    kernel = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    torch.testing.assert_close(
+        (x * resample_adjoint(kernel, size)).sum((2, 3)),
+        (resample_to(x, (4, 4)) * kernel).sum((2, 3)))
+    assert gradcheck(lambda k: resample_adjoint(k, size), (kernel, ))
+
+
+def test_kernels_build_on_this_machine():
+    """The package's own requirements (a C++ compiler as on any Linux
+    PyTorch machine; ninja, in setup.py) build the kernels."""
+    assert norm_gate.kernels() is not None
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('shape', [
+    (2, 4, 5, 7),
+    (2, 4, 40, 33),  # rows longer than one summation chunk (1024)
+    (3, 4, 1, 1),  # one pixel per map
+])
+@pytest.mark.parametrize('norm_kwargs', [
+    dict(),
+    dict(momentum=None),  # cumulative moving average
+    dict(track_running_stats=False),  # batch statistics, nothing kept
+])
+def test_fused_tail_matches_the_plain_ops(dtype, variant, shape,
+                                          norm_kwargs):
+    """Output; gradients of the map, the identity, bn3's weight and bias
+    and the gate's parameters; running statistics (bn3's, the gather
+    norm's) and batch counts after two steps. In float32 the fused path is
+    held to the plain ops in float64, as close as the plain ops are."""
+    torch.manual_seed(0)
+    norm = random_norm(shape[1], dtype, **norm_kwargs)
+    gate = random_gate(shape[1], variant, shape[2:], dtype)
+    plain = copy.deepcopy((norm, gate))
+    reference = copy.deepcopy((norm, gate))
+    for module in reference:
+        module.double()
+    # off-centre map: the variance comes from sums of squares
+    z = torch.randn(shape, dtype=dtype) * 3 + 2
+    identity = torch.randn(shape, dtype=dtype)
+    assert norm_gate.applies(norm, z, identity, gate)
+    for _ in range(2):
+        fused_results = tail_results(norm_gate.norm_gate_add_relu, z,
+                                     identity, norm, gate)
+        plain_results = tail_results(plain_tail, z, identity, *plain)
+        reference_results = tail_results(plain_tail, z.double(),
+                                         identity.double(), *reference)
+    assert len(fused_results) == len(plain_results) == len(
+        reference_results)
+    for a, b, r in zip(fused_results, plain_results, reference_results):
+        if dtype is torch.float64:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+            continue
+        # as close to float64 as the plain ops in float32 (some gradients
+        # are ill-conditioned: the gather norm's over a batch of two)
+        scale = float(r.abs().max()) if r.is_floating_point() else 1
+        plain_error = float((b.to(r.dtype) - r).abs().max())
+        torch.testing.assert_close(a.to(r.dtype), r, rtol=0, atol=max(
+            1e-6 * scale, 4 * plain_error))
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_fused_tail_supports_double_backward(variant):
+    """Second derivatives through the fused tail are autograd's
+    (``gradgradcheck``, float64): its backward rebuilds the plain ops when
+    the graph of the gradient is recorded, and leaves the gather norm's
+    running statistics as the forward left them."""
+    from torch.autograd import gradgradcheck
+    torch.manual_seed(0)
+    norm = random_norm(3, torch.float64, track_running_stats=False)
+    gate = random_gate(3, variant, (4, 5), torch.float64)
+    kernel = norm_gate._kernel(gate, (4, 5))
+    kernels = [] if kernel is None else [kernel.detach().clone()]
+    head = [p for name, p in gate.named_parameters()
+            if not name.startswith('gather.')]
+
+    def tail(z, identity, weight, bias, *rest):
+        kernel, head_params = (None, rest) if not kernels else (
+            rest[0], rest[1:])
+        return norm_gate._NormGateAddReLU.apply(
+            z, identity, weight, bias, kernel, None, None, 0., norm.eps,
+            gate, norm_gate.kernels(), *head_params)
+
+    inputs = [torch.randn(2, 3, 4, 5, dtype=torch.float64)
+              for _ in range(2)] + [norm.weight, norm.bias] + kernels
+    # the head computes with the module's own parameters
+    inputs = [t.detach().clone().requires_grad_() for t in inputs] + head
+    out = tail(*inputs)
+    stats = [b.clone() for b in gate.buffers()]
+    torch.autograd.grad(out.sum(), inputs, create_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(stats, gate.buffers()))
+    assert gradgradcheck(tail, inputs)
+
+
+def ge_backbone(variant='parameter_free', **kwargs):
+    torch.manual_seed(0)
+    net = MODELS.build(dict(dict(type='GEResNet', depth=14,
+                                 ge=dict(variant=variant),
+                                 reference_input_size=32, norm_eval=False),
+                            **kwargs))
+    net.init_weights()
+    with torch.no_grad():  # real weights: bn3 and the gates start at zero
+        for name, p in net.named_parameters():
+            if 'bn' in name or 'norm' in name:
+                p.uniform_(0.5, 1.5) if name.endswith('weight') else \
+                    p.uniform_(-0.2, 0.2)
+            elif 'gather_excite' in name:
+                p.normal_(0, 0.02)
+    return net.double()
+
+
+def backbone_step(net, x):
+    net.zero_grad()
+    x = x.clone().requires_grad_()
+    outs = net(x)
+    sum((o * torch.linspace(-1, 2, o.numel(), dtype=o.dtype).view_as(o)).sum()
+        for o in outs).backward()
+    return [o.detach() for o in outs] + [x.grad] + [
+        p.grad.clone() for p in net.parameters()] + [
+        b.clone() for b in net.buffers()]
+
+
+def count_fused_calls(monkeypatch):
+    calls = []
+    fused_tail = norm_gate.norm_gate_add_relu
+    monkeypatch.setattr(norm_gate, 'norm_gate_add_relu',
+                        lambda *args: calls.append(1) or fused_tail(*args))
+    return calls
+
+
+@pytest.mark.parametrize('variant, kwargs', [
+    ('parameter_free', dict()),
+    ('parameter_free', dict(with_cp=True)),
+    ('depthwise', dict()),
+    ('depthwise_excite', dict()),
+])
+def test_ge_resnet_training_takes_the_fused_tail(variant, kwargs,
+                                                  monkeypatch):
+    """A GE-ResNet training with BN updating runs its blocks' tails fused,
+    and gives the plain blocks' outputs, gradients (input, every parameter)
+    and BN statistics, at the reference size and another one (GE-θ / θ⁺:
+    their kernels' resampling adjoint)."""
+    net = ge_backbone(variant, **kwargs).train()
+    state = copy.deepcopy(net.state_dict())
+    applies = norm_gate.applies
+    for size in (32, 40):
+        x = torch.randn(2, 3, size, size, dtype=torch.float64)
+        results = []
+        for fused in (True, False):
+            net.load_state_dict(state)
+            calls = count_fused_calls(monkeypatch)
+            monkeypatch.setattr(norm_gate, 'applies', applies if fused else
+                                lambda *args: False)
+            results.append(backbone_step(net, x))
+            monkeypatch.undo()
+            # with_cp runs each block's forward again in the backward
+            assert len(calls) == (4 * (1 + bool(kwargs)) if fused else 0)
+        # float64; the fused variance is E[z²] - E[z]², which loses digits
+        # of float64 maps (not of float32 ones, summed in float64)
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+
+
+def test_fused_tail_is_left_where_it_does_not_apply(monkeypatch):
+    """Eval-mode BN (``norm_eval``, inference), autocast, traced graphs,
+    hooks on bn3, ReLU or the gate, another norm type, a channels-last map,
+    another plugin after the gate or a windowed gate: the plain ops."""
+    calls = count_fused_calls(monkeypatch)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def run(net, x=x):
+        calls.clear()
+        backbone_step(net, x)
+        return len(calls)
+
+    assert run(ge_backbone().train()) == 4
+    assert run(ge_backbone(norm_eval=True).train()) == 0
+    net = ge_backbone().train()
+    net.layer1[0].bn3.register_forward_hook(lambda *args: None)
+    net.layer2[0].relu.register_forward_hook(lambda *args: None)
+    net.layer3[0].gather_excite.register_forward_pre_hook(lambda *args: None)
+    assert run(net) == 1
+    assert run(ge_backbone().train(), torch.randn(
+        2, 3, 64, 64, dtype=torch.float64).to(
+            memory_format=torch.channels_last)) == 0  # channels-last maps
+    with size_generic():
+        assert run(ge_backbone().train()) == 0
+    net = ge_backbone(plugins=[dict(
+        cfg=dict(type='ContextBlock', ratio=1. / 4), position='after_conv3',
+        stages=(True, False, False, False))]).train()
+    assert run(net) == 3
+    net = ge_backbone(norm_cfg=dict(type='GN', num_groups=4)).train()
+    assert run(net) == 0
+    net = ge_backbone('depthwise').train()
+    net.layer1[0].gather_excite.extent = 2  # a windowed gate
+    net.layer1[0].gather_excite.gather = nn.ModuleList(
+        [nn.Conv2d(256, 256, 3, 2, 1, groups=256)]).double()
+    assert run(net) == 3
+    net = ge_backbone().float().train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert run(net, x.float()) == 0
+
+    norm = random_norm(3, torch.float32)
+    gate = random_gate(3, 'depthwise', (4, 4), torch.float32)
+    z, identity = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    assert norm_gate.applies(norm, z, identity, gate)
+    assert not norm_gate.applies(norm.eval(), z, identity, gate)
+    sync = nn.SyncBatchNorm(3).train()
+    assert not norm_gate.applies(sync, z, identity, gate)
+    assert not norm_gate.applies(
+        norm.train(), z.to(memory_format=torch.channels_last), identity, gate)
+    assert not norm_gate.applies(norm, z[:1, :, :1, :1],
+                                 identity[:1, :, :1, :1], gate)  # 1 value
+    assert not norm_gate.applies(norm, z.double(), identity.double(), gate)
+
+
+def test_without_kernels_the_plain_ops_run_with_one_warning(monkeypatch):
+    """Where the kernels cannot be built (no compiler, no ninja), or with
+    ``MMCTX_CPU_KERNELS=0``, GE trains on the plain ops: one warning naming
+    the source file, the same results."""
+    import torch.utils.cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError('Ninja is required to load C++ extensions')
+
+    monkeypatch.setattr(norm_gate, '_kernels', [])
+    monkeypatch.setattr(torch.utils.cpp_extension, 'load', fail)
+    with pytest.warns(UserWarning, match='norm_gate.cpp.*Ninja'):
+        assert norm_gate.kernels() is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert norm_gate.kernels() is None  # tried once
+        net = ge_backbone().train()
+        state = copy.deepcopy(net.state_dict())
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        without = backbone_step(net, x)
+    assert not [w for w in caught if 'norm_gate' in str(w.message)]
+    monkeypatch.undo()
+    net.load_state_dict(state)
+    for a, b in zip(without, backbone_step(net, x)):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+
+    monkeypatch.setattr(norm_gate, '_kernels', [])
+    monkeypatch.setenv('MMCTX_CPU_KERNELS', '0')
+    monkeypatch.setattr(torch.utils.cpp_extension, 'load', fail)
+    assert norm_gate.kernels() is None
