@@ -48,10 +48,15 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
         for ratio, ci in ((6, 12), (9, 13)):
             low, high = rows[name][ci].split('–')
             assert low == high == rows[name][ratio], rows[name]
-    # every context module holds more than the plain network in training
-    # (its parameters and the activations it saves); GE-θ⁻ adds no weights
+    # every context module with weights holds more than the plain network
+    # in training (its parameters and the activations it saves); GE-θ⁻ adds
+    # no weights, and its fused block tail (mmctx.models.norm_gate) saves
+    # what ResNet's own tail saves (bn3's input, the block's output)
     for name in NAMES[1:]:
-        assert float(rows[name][11]) > 1.0, rows[name]
+        if name == 'GE-θ⁻-R50':
+            assert 0.98 < float(rows[name][11]) < 1.01, rows[name]
+        else:
+            assert float(rows[name][11]) > 1.0, rows[name]
     # FLOPs are those of the plain ops: the eager fast paths (GEMM 1x1
     # convs, fused gates, custom autograd functions) stay out of the traced
     # graph, so no layer drops out of the count.

@@ -62,7 +62,8 @@ def test_resample_adjoint_is_the_adjoint_of_the_resampling(size):
     its gradient is the resampling (``gradcheck``)."""
     from torch.autograd import gradcheck
 
-    from mmctx.models.utils import resample_adjoint, resample_to
+    from mmctx.models.norm_gate import resample_adjoint
+    from mmctx.models.utils import resample_to
     torch.manual_seed(0)
     kernel = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 3, *size, dtype=torch.float64)
@@ -137,7 +138,7 @@ def test_fused_tail_supports_double_backward(variant):
     torch.manual_seed(0)
     norm = random_norm(3, torch.float64, track_running_stats=False)
     gate = random_gate(3, variant, (4, 5), torch.float64)
-    kernel = norm_gate._kernel(gate, (4, 5))
+    kernel, _ = norm_gate._kernel(gate, (4, 5))
     kernels = [] if kernel is None else [kernel.detach().clone()]
     head = [p for name, p in gate.named_parameters()
             if not name.startswith('gather.')]
@@ -146,7 +147,9 @@ def test_fused_tail_supports_double_backward(variant):
         kernel, head_params = (None, rest) if not kernels else (
             rest[0], rest[1:])
         return norm_gate._NormGateAddReLU.apply(
-            z, identity, weight, bias, kernel, None, None, 0., norm.eps,
+            z, identity, weight, bias, kernel,
+            None if kernel is None else kernel.detach().sum(
+                (1, 2), dtype=torch.float64), None, None, 0., norm.eps,
             gate, norm_gate.kernels(), *head_params)
 
     inputs = [torch.randn(2, 3, 4, 5, dtype=torch.float64)

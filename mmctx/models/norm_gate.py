@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import hooked, resample_adjoint, size_generic_path
+from .utils import adaptive_avg_pool2d_banded, hooked, size_generic_path
 
 _SOURCE = Path(__file__).with_name('csrc') / 'norm_gate.cpp'
 _FLAGS = ('-O3', '-march=native', '-fopenmp')
@@ -89,8 +89,9 @@ def _head(gate_module):
 class _NormGateAddReLU(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, z, identity, weight, bias, kernel, running_mean,
-                running_var, factor, eps, gate_module, ops, *head_params):
+    def forward(ctx, z, identity, weight, bias, kernel, kernel_sum,
+                running_mean, running_var, factor, eps, gate_module, ops,
+                *head_params):
         batch, _, height, width = z.shape
         area = height * width
         count = batch * area
@@ -103,7 +104,7 @@ class _NormGateAddReLU(torch.autograd.Function):
         if kernel is None:  # the mean of x
             kernel_sum, context = None, sums / area * scale + shift
         else:  # Σ x · w
-            kernel_sum = kernel.double().sum((1, 2))
+            kernel_sum = kernel_sum.double()
             context = dots[0] * scale + shift * kernel_sum
         # The head's graph, for the backward, with its saved tensors kept
         # as they are: outer hooks (activation checkpointing) would pack
@@ -166,19 +167,19 @@ class _NormGateAddReLU(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_z, = ctx.ops.combine_rows(
                     masked, z, scale * gate, -z_scale,
-                    shift_z + scale * grad_context / area, None, None, None)
+                    shift_z + scale * grad_context / area, *(None, ) * 5)
         elif ctx.needs_input_grad[0] or ctx.needs_input_grad[4]:
-            grad_z, raw = ctx.ops.combine_rows(
+            # the kernel's gradient, Σ_b grad_context x, is
+            # a Σ_b grad_context z + b Σ_b grad_context per channel
+            grad_z, grad_kernel = ctx.ops.combine_rows(
                 masked, z, scale * gate, -z_scale, shift_z.expand_as(gate),
-                kernel, scale * grad_context, grad_context)
-            if ctx.needs_input_grad[4]:
-                # Σ_b grad_context x = a Σ_b grad_context z + b Σ_b
-                # grad_context
-                grad_kernel = raw * scale.to(raw.dtype)[:, None, None] + (
-                    shift * grad_context.sum(0)).to(raw.dtype)[:, None, None]
+                kernel, scale * grad_context, grad_context, scale,
+                shift * grad_context.sum(0))
+            if not ctx.needs_input_grad[4]:
+                grad_kernel = None
         grads = dict(zip(map(id, needed), head_grads[1:]))
         return (grad_z, masked, (grad_centred * invstd).to(weight.dtype),
-                grad_bias.to(bias.dtype), grad_kernel) + (None, ) * 6 + tuple(
+                grad_bias.to(bias.dtype), grad_kernel) + (None, ) * 7 + tuple(
                     grads.get(id(p)) for p in head_params)
 
     @staticmethod
@@ -212,17 +213,46 @@ class _NormGateAddReLU(torch.autograd.Function):
         return (grads.get(id(z)), masked, grads.get(id(weight)),
                 grads.get(id(bias)),
                 None if kernel is None else grads.get(id(kernel))) + (
-                    None, ) * 6 + tuple(grads.get(id(p)) for p in head_params)
+                    None, ) * 7 + tuple(grads.get(id(p)) for p in head_params)
+
+
+class _PoolAdjoint(torch.autograd.Function):
+    """The adjoint of resampling (H, W) maps to a kernel's (h, w) grid,
+    applied to the (C, h, w) kernel; its gradient is the resampling."""
+
+    @staticmethod
+    def forward(ctx, kernel, size, ops):
+        ctx.grid = kernel.shape[-2:]
+        return ops.pool_adjoint(kernel.contiguous(), *size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return adaptive_avg_pool2d_banded(grad, ctx.grid), None, None
+
+
+def resample_adjoint(kernel, size):
+    """(C, h, w) kernels on the (h, w) grid that
+    :func:`~mmctx.models.utils.resample_to` maps (H, W) inputs onto ->
+    (C, H, W) kernels whose per-channel dot products with a map equal those
+    of ``kernel`` with the map resampled (up to float rounding); at the
+    grid's own size, ``kernel`` itself. Needs :func:`kernels`."""
+    if tuple(size) == tuple(kernel.shape[-2:]):
+        return kernel
+    return _PoolAdjoint.apply(kernel, tuple(size), kernels())
 
 
 def _kernel(gate_module, size):
     """The global depthwise kernel for (H, W) maps as (C, H, W): the
     reference kernel, or at other sizes its resampling's adjoint, so that
     ``Σ x · kernel`` is the plain gather on ``x`` resampled to the
-    reference grid; None for GE-θ⁻."""
+    reference grid; and the kernel's sum per channel (the same for both:
+    the resampling keeps constants), without autograd. None, None for
+    GE-θ⁻."""
     if gate_module.variant == 'parameter_free':
-        return None
-    return resample_adjoint(gate_module.gather.weight.squeeze(1), size)
+        return None, None
+    kernel = gate_module.gather.weight.squeeze(1)
+    return resample_adjoint(kernel, size), kernel.detach().sum(
+        (1, 2), dtype=torch.float64)
 
 
 def applies(norm, z, identity, gate_module):
@@ -264,7 +294,7 @@ def norm_gate_add_relu(z, identity, norm, gate_module):
     head_params = [p for name, p in gate_module.named_parameters()
                    if not name.startswith('gather.')]  # the kernel: its own
     return _NormGateAddReLU.apply(z, identity, norm.weight, norm.bias,
-                                  _kernel(gate_module, z.shape[-2:]),
+                                  *_kernel(gate_module, z.shape[-2:]),
                                   running_mean,
                                   running_var, factor, norm.eps, gate_module,
                                   kernels(), *head_params)

@@ -336,58 +336,6 @@ def adaptive_avg_pool2d_banded(x, size):
     return out.view(*lead, *size)
 
 
-class _ResampleAdjoint(torch.autograd.Function):
-    """The adjoint of :func:`adaptive_avg_pool2d_banded` to ``size``, for
-    (C, h, w) kernels on an (h, w) grid: the (C, H, W) kernels ``k`` with
-    ``<x, k> = <pool(x), kernel>`` for every (H, W) map ``x``. Its gradient
-    is the pooling itself."""
-
-    @staticmethod
-    def forward(ctx, kernel, size):
-        channels, height, width = kernel.shape
-        ctx.grid = (height, width)
-        rows = kernel.reshape(channels * height, width).t()  # (w, C h)
-        if size[1] != width:
-            rows = _BandedPool.backward(_Bands(size[1], width, kernel),
-                                        rows)[0]
-        else:
-            rows = rows.t()
-        # (C h, W) -> (h, C W)
-        cols = rows.reshape(channels, height, size[1]).transpose(0, 1)
-        cols = cols.reshape(height, channels * size[1])
-        if size[0] != height:
-            cols = _BandedPool.backward(_Bands(size[0], height, kernel),
-                                        cols)[0]
-        else:
-            cols = cols.t()
-        # (C W, H) -> (C, H, W)
-        return cols.reshape(channels, size[1], size[0]).transpose(
-            1, 2).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return adaptive_avg_pool2d_banded(grad, ctx.grid), None
-
-
-class _Bands:
-    """What ``_BandedPool.backward`` reads from its context."""
-
-    def __init__(self, in_size, out_size, like):
-        self.in_size = in_size
-        self.bands = _bands(in_size, out_size, like.dtype, like.device)
-
-
-def resample_adjoint(kernel, size):
-    """(C, h, w) kernels on the (h, w) grid that :func:`resample_to` maps
-    (H, W) inputs onto -> (C, H, W) kernels for those inputs: the per-channel
-    dot products of the returned kernels with a map equal those of
-    ``kernel`` with the map resampled to (h, w) (CPU, eager; up to float
-    rounding). At the grid's own size, ``kernel`` itself."""
-    if tuple(size) == tuple(kernel.shape[-2:]):
-        return kernel
-    return _ResampleAdjoint.apply(kernel, tuple(size))
-
-
 def resample_to(x, size):
     """Average-pool ``x`` to the spatial ``size`` (identity if already so).
 

@@ -162,18 +162,22 @@ std::vector<torch::Tensor> relu_grad_moments(torch::Tensor grad,
 
 // z's gradient, grad_scale[r] * grad + z_scale[c] * z + shift[r] per row r
 // (channel c), plus kernel_scale[r] * kernel[c] with a kernel; then also
-// the kernel's raw gradient, sum over images b of kernel_grad[b, c] * z[b, c]
-// per channel, (C, H, W).
+// the kernel's gradient, (C, H, W): per channel, z_scale2[c] * (sum over
+// images b of kernel_grad[b, c] * z[b, c]) + kernel_shift[c].
 std::vector<torch::Tensor> combine_rows(
     torch::Tensor grad, torch::Tensor z, torch::Tensor grad_scale,
     torch::Tensor z_scale, torch::Tensor shift,
     c10::optional<torch::Tensor> kernel,
     c10::optional<torch::Tensor> kernel_scale,
-    c10::optional<torch::Tensor> kernel_grad) {
+    c10::optional<torch::Tensor> kernel_grad,
+    c10::optional<torch::Tensor> kernel_grad_scale,
+    c10::optional<torch::Tensor> kernel_grad_shift) {
   check_map(z, z, "z");
   check_map(grad, z, "grad");
-  TORCH_CHECK(!kernel || (kernel_scale && kernel_grad),
-              "a kernel needs kernel_scale and kernel_grad");
+  TORCH_CHECK(!kernel || (kernel_scale && kernel_grad && kernel_grad_scale &&
+                          kernel_grad_shift),
+              "a kernel needs kernel_scale, kernel_grad, kernel_grad_scale "
+              "and kernel_grad_shift");
   if (kernel) check_kernel(*kernel, z);
   auto result = torch::empty_like(z);
   const int64_t batch = z.size(0), channels = z.size(1),
@@ -198,9 +202,13 @@ std::vector<torch::Tensor> combine_rows(
       });
       return;
     }
-    auto ks = values_like(*kernel_scale, z), kg = values_like(*kernel_grad, z);
+    auto ks = values_like(*kernel_scale, z), kg = values_like(*kernel_grad, z),
+         kgs = values_like(*kernel_grad_scale, z),
+         kgh = values_like(*kernel_grad_shift, z);
     const scalar_t *kp = kernel->data_ptr<scalar_t>(),
-                   *ksp = ks.data_ptr<scalar_t>(), *kgp = kg.data_ptr<scalar_t>();
+                   *ksp = ks.data_ptr<scalar_t>(), *kgp = kg.data_ptr<scalar_t>(),
+                   *kgsp = kgs.data_ptr<scalar_t>(),
+                   *kghp = kgh.data_ptr<scalar_t>();
     scalar_t* gkp = grad_kernel.data_ptr<scalar_t>();
     // By channel: its images' rows share the kernel and its gradient.
     at::parallel_for(0, channels, 1, [&](int64_t c0, int64_t c1) {
@@ -220,6 +228,9 @@ std::vector<torch::Tensor> combine_rows(
             gkr[i] += e * zr[i];
           }
         }
+        const scalar_t f = kgsp[ch], g = kghp[ch];
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < n; ++i) gkr[i] = f * gkr[i] + g;
       }
     });
   });
@@ -227,7 +238,62 @@ std::vector<torch::Tensor> combine_rows(
   return {result};
 }
 
+// Adaptive average pooling's windows along one axis, in -> out values:
+// window i covers [floor(i in / out), ceil((i + 1) in / out)).
+static std::vector<std::pair<int64_t, int64_t>> pool_windows(int64_t in,
+                                                             int64_t out) {
+  std::vector<std::pair<int64_t, int64_t>> windows(out);
+  for (int64_t i = 0; i < out; ++i)
+    windows[i] = {i * in / out, ((i + 1) * in + out - 1) / out};
+  return windows;
+}
+
+// The adjoint of adaptive average pooling (H, W) -> (h, w), applied to
+// (C, h, w) kernels: (C, H, W) kernels k with <x, k> = <pool(x), kernel>.
+torch::Tensor pool_adjoint(torch::Tensor kernel, int64_t height,
+                           int64_t width) {
+  TORCH_CHECK(kernel.dim() == 3 && kernel.device().is_cpu() &&
+                  kernel.is_contiguous(),
+              "kernel must be a contiguous (C, h, w) CPU tensor");
+  const int64_t channels = kernel.size(0), h = kernel.size(1),
+                w = kernel.size(2);
+  const auto rows = pool_windows(height, h), cols = pool_windows(width, w);
+  auto out = torch::zeros({channels, height, width}, kernel.options());
+  AT_DISPATCH_FLOATING_TYPES(kernel.scalar_type(), "pool_adjoint", [&] {
+    const scalar_t* kp = kernel.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, channels, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<scalar_t> spread(h * width);  // (h, W): along W first
+      for (int64_t c = c0; c < c1; ++c) {
+        std::fill(spread.begin(), spread.end(), scalar_t(0));
+        for (int64_t i = 0; i < h; ++i) {
+          const scalar_t* kr = kp + (c * h + i) * w;
+          scalar_t* sr = spread.data() + i * width;
+          for (int64_t j = 0; j < w; ++j) {
+            const auto [start, end] = cols[j];
+            const scalar_t v = kr[j] / scalar_t(end - start);
+            for (int64_t x = start; x < end; ++x) sr[x] += v;
+          }
+        }
+        scalar_t* oc = op + c * height * width;
+        for (int64_t i = 0; i < h; ++i) {
+          const auto [start, end] = rows[i];
+          const scalar_t inv = scalar_t(1) / scalar_t(end - start);
+          const scalar_t* sr = spread.data() + i * width;
+          for (int64_t y = start; y < end; ++y) {
+            scalar_t* orow = oc + y * width;
+            _Pragma("omp simd")
+            for (int64_t x = 0; x < width; ++x) orow[x] += sr[x] * inv;
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pool_adjoint", &pool_adjoint);
   m.def("row_moments", &row_moments);
   m.def("scale_shift_add_relu", &scale_shift_add_relu);
   m.def("relu_grad_moments", &relu_grad_moments);
