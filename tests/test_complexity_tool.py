@@ -66,7 +66,7 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
-    """tools/analysis/fast_path_ab.py prints all five tables, every stage,
+    """tools/analysis/fast_path_ab.py prints all seven tables, every stage,
     setting and gated model, with positive times and ratios."""
     stdout = run([
         sys.executable, repo_root / 'tools' / 'analysis' /
@@ -77,7 +77,8 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
                if line.startswith('| ') and not line.startswith('| stage')
                and not line.startswith('| model')]
               for section in stdout.split('\n## ')[1:]]
-    pools, reductions, networks, pixel_gates, blocks = tables
+    (pools, reductions, networks, pixel_gates, blocks, norm_gates,
+     norm_gate_networks) = tables
 
     def numbers(cell):
         return [float(v) for v in cell.replace('/', '→').split('→')]
@@ -107,6 +108,16 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
         assert all(v > 0 for v in numbers(r[2])), r
     for r in blocks:
         assert all(float(v) > 0 for v in r[1:])
+    assert [r[1].strip() for r in norm_gates] == [
+        '2x256x8x8', '2x512x4x4', '2x1024x2x2', '2x2048x1x1',
+        '1x256x16x24', '1x512x8x12', '1x1024x4x6', '1x2048x2x3']
+    for r in norm_gates:  # ResNet-50, then GE-θ⁻ / θ / θ⁺ plain → fused
+        assert len(r) == 6 and all(v > 0 for c in r[2:] for v in numbers(c))
+    assert [(r[0].strip(), r[1].strip()) for r in norm_gate_networks] == [
+        (name, size) for size in ('2x3x32x32', '1x3x64x96')
+        for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50')]
+    for r in norm_gate_networks:
+        assert all(v > 0 for v in numbers(r[2])) and float(r[3]) > 0
 
 
 def test_time_two_paths_alternates_and_reports_the_pair_ratio():
