@@ -59,7 +59,8 @@ from mmctx.models.utils import adaptive_avg_pool2d_banded  # noqa: E402
 
 # rows of the whole-network table
 NETWORKS = ['GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50']
-TABLES = ['pooling', 'reductions', 'networks', 'pixel-gate', 'blocks',
+# tables, each printed by <name>_table
+TABLES = ['pooling', 'reduction', 'network', 'pixel-gate', 'block',
           'norm-gate']
 
 
@@ -386,96 +387,90 @@ def main():
     MMLogger.get_instance('fast_path_ab', log_level='WARNING')
     print(f'{torch.get_num_threads()} threads, medians over {args.repeats} '
           'alternating pairs\n')
-    tables = set(args.tables)
-    if 'pooling' in tables:
-        pooling_table(args)
-    if 'reductions' in tables:
-        reduction_table(args)
-    if 'networks' in tables:
-        network_table(args)
-    if 'pixel-gate' in tables:
-        pixel_gate_table(args)
-    if 'blocks' in tables:
-        block_table(args)
-    if 'norm-gate' in tables:
-        norm_gate_table(args)
+    for name in TABLES:  # in this order
+        if name in args.tables:
+            globals()[name.replace('-', '_') + '_table'](args)
+
+
+def print_table(title, header, rows):
+    print(title)
+    print(header)
+    for row in rows:
+        print(row)
 
 
 def pooling_table(args):
-    print(f'## Resampling GE-θ\'s stage maps at {args.shape}, ms, '
-          '`F.adaptive_avg_pool2d` → banded GEMMs\n')
-    print('| stage | map → grid | eval | forward + backward |\n'
-          '|---|---|---:|---:|')
-    for row in pooling_rows(size(args.shape), args.repeats):
-        print(row)
+    print_table(
+        f'## Resampling GE-θ\'s stage maps at {args.shape}, ms, '
+        '`F.adaptive_avg_pool2d` → banded GEMMs\n',
+        '| stage | map → grid | eval | forward + backward |\n'
+        '|---|---|---:|---:|',
+        pooling_rows(size(args.shape), args.repeats))
 
 
 def reduction_table(args):
-    print('\n## GE\'s per-channel reductions, ms, plain ops → batched dot '
-          'products\n\n'
-          'Σ_HW grad·x: the gate gradient (the same GEMM with an (N, 1) '
-          'column view / `(grad * x).sum` → dot products); gather: GE-θ\'s '
-          'global gather on the map resampled to its grid (`einsum`); '
-          'kernel gradient: the gather\'s (`einsum`); multiply-add: '
-          '`shift + x * scale` per image and channel (GE\'s norm3 fold in '
-          'inference, GE-θ⁻\'s gate gradient; `addcmul` → '
-          f'`channel_scale_shift`). Batch {args.batch}: {args.block_shape}; '
-          f'batch 1: {args.shape}.\n')
-    print('| stage | map (grid) | Σ_HW grad·x | gather | kernel gradient '
-          '| multiply-add |\n|---|---|---:|---:|---:|---:|')
-    for row in reduction_rows(size(args.shape), size(args.block_shape),
-                              args.batch, args.repeats):
-        print(row)
+    print_table(
+        '\n## GE\'s per-channel reductions, ms, plain ops → batched dot '
+        'products\n\n'
+        'Σ_HW grad·x: the gate gradient (the same GEMM with an (N, 1) '
+        'column view / `(grad * x).sum` → dot products); gather: GE-θ\'s '
+        'global gather on the map resampled to its grid (`einsum`); '
+        'kernel gradient: the gather\'s (`einsum`); multiply-add: '
+        '`shift + x * scale` per image and channel (GE\'s norm3 fold in '
+        'inference, GE-θ⁻\'s gate gradient; `addcmul` → '
+        f'`channel_scale_shift`). Batch {args.batch}: {args.block_shape}; '
+        f'batch 1: {args.shape}.\n',
+        '| stage | map (grid) | Σ_HW grad·x | gather | kernel gradient '
+        '| multiply-add |\n|---|---|---:|---:|---:|---:|',
+        reduction_rows(size(args.shape), size(args.block_shape), args.batch,
+                       args.repeats))
 
 
 def network_table(args):
-    print('\n## GE-ResNet-50 with the dot products and `channel_scale_shift` / '
-          'with the previous release\'s reductions and `addcmul`; '
-          'PSI-ResNet-50 with `pixel_gate_add` / `addcmul` (median '
-          'ratio; training step and inference)\n')
-    print('| model | input | train step | inference |\n|---|---|---:|---:|')
-    for row in network_rows(size(args.shape), size(args.block_shape),
-                            args.batch, args.network_repeats,
-                            args.network_models):
-        print(row)
+    print_table(
+        '\n## GE-ResNet-50 with the dot products and `channel_scale_shift` / '
+        'with the previous release\'s reductions and `addcmul`; '
+        'PSI-ResNet-50 with `pixel_gate_add` / `addcmul` (median '
+        'ratio; training step and inference)\n',
+        '| model | input | train step | inference |\n|---|---|---:|---:|',
+        network_rows(size(args.shape), size(args.block_shape), args.batch,
+                     args.network_repeats, args.network_models))
 
 
 def pixel_gate_table(args):
-    print(f'\n## PSI\'s gate and residual add at {args.block_shape} batch '
-          f'{args.batch}, forward + backward, ms, `addcmul` → '
-          '`pixel_gate_add`\n')
-    print('| stage | map | ms |\n|---|---|---:|')
-    for row in pixel_gate_rows(size(args.block_shape), args.batch,
-                               args.repeats):
-        print(row)
+    print_table(
+        f'\n## PSI\'s gate and residual add at {args.block_shape} batch '
+        f'{args.batch}, forward + backward, ms, `addcmul` → '
+        '`pixel_gate_add`\n',
+        '| stage | map | ms |\n|---|---|---:|',
+        pixel_gate_rows(size(args.block_shape), args.batch, args.repeats))
 
 
 def block_table(args):
-    print(f'\n## One stage-1 block at {args.block_shape} batch {args.batch}: '
-          'gate + residual add in one pass / upstream (median ratio)\n')
-    print('| model | train | eval |\n|---|---:|---:|')
-    for row in block_rows(size(args.block_shape), args.batch, args.repeats):
-        print(row)
+    print_table(
+        f'\n## One stage-1 block at {args.block_shape} batch {args.batch}: '
+        'gate + residual add in one pass / upstream (median ratio)\n',
+        '| model | train | eval |\n|---|---:|---:|',
+        block_rows(size(args.block_shape), args.batch, args.repeats))
 
 
 def norm_gate_table(args):
-    print('\n## GE\'s block tail in training (bn3, gate, residual add, ReLU), '
-          'forward + backward, ms: ResNet-50\'s tail (bn3, add, ReLU) for '
-          'reference; GE\'s, plain ops → one function (`norm_gate`; GE-θ '
-          'and GE-θ⁺ with GE-R50\'s kernels, built for 224). Batch '
-          f'{args.batch}: {args.block_shape}; batch 1: {args.shape}.\n')
-    print('| stage | map | ResNet-50 | GE-θ⁻ | GE-θ | GE-θ⁺ |\n'
-          '|---|---|---:|---:|---:|---:|')
-    for row in norm_gate_rows(size(args.shape), size(args.block_shape),
-                              args.batch, args.repeats):
-        print(row)
-    print('\n## GE-ResNet-50 training steps, plain tails → fused tails '
-          '(ms, median ratio)\n')
-    print('| model | input | ms | ratio |\n|---|---|---:|---:|')
-    for row in norm_gate_network_rows(size(args.shape),
-                                      size(args.block_shape), args.batch,
-                                      args.network_repeats):
-        print(row)
+    print_table(
+        '\n## GE\'s block tail in training (bn3, gate, residual add, ReLU), '
+        'forward + backward, ms: ResNet-50\'s tail (bn3, add, ReLU) for '
+        'reference; GE\'s, plain ops → one function (`norm_gate`; GE-θ '
+        'and GE-θ⁺ with GE-R50\'s kernels, built for 224). Batch '
+        f'{args.batch}: {args.block_shape}; batch 1: {args.shape}.\n',
+        '| stage | map | ResNet-50 | GE-θ⁻ | GE-θ | GE-θ⁺ |\n'
+        '|---|---|---:|---:|---:|---:|',
+        norm_gate_rows(size(args.shape), size(args.block_shape), args.batch,
+                       args.repeats))
+    print_table(
+        '\n## GE-ResNet-50 training steps, plain tails → fused tails '
+        '(ms, median ratio)\n',
+        '| model | input | ms | ratio |\n|---|---|---:|---:|',
+        norm_gate_network_rows(size(args.shape), size(args.block_shape),
+                               args.batch, args.network_repeats))
 
 if __name__ == '__main__':
     main()
