@@ -61,9 +61,9 @@ class GEBottleneck(GatedBottleneck):
         BatchNorm; the rest is checked on conv3's output,
         :func:`mmctx.models.norm_gate.applies`); else None."""
         norm3 = getattr(self, self.norm3_name)
-        if not (self.training and norm3.training and isinstance(
-                norm3, _BatchNorm)) or len(
-                    self.after_conv3_plugin_names or ()) != 1:
+        if not (self.training and self.with_plugins and norm3.training
+                and isinstance(norm3, _BatchNorm)) or len(
+                    self.after_conv3_plugin_names) != 1:
             return None
         plugin = getattr(self, self.after_conv3_plugin_names[0])
         if getattr(plugin, 'extent', None) != 'global' or hooked(self.relu):
