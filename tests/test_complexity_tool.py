@@ -111,11 +111,11 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
     assert [r[1].strip() for r in norm_gates] == [
         '2x256x8x8', '2x512x4x4', '2x1024x2x2', '2x2048x1x1',
         '1x256x16x24', '1x512x8x12', '1x1024x4x6', '1x2048x2x3']
-    for r in norm_gates:  # ResNet-50, then GE-θ⁻ / θ / θ⁺ plain → fused
-        assert len(r) == 6 and all(v > 0 for c in r[2:] for v in numbers(c))
+    for r in norm_gates:  # ResNet-50, then GE-θ⁻ / θ / θ⁺, PSI plain → fused
+        assert len(r) == 7 and all(v > 0 for c in r[2:] for v in numbers(c))
     assert [(r[0].strip(), r[1].strip()) for r in norm_gate_networks] == [
         (name, size) for size in ('2x3x32x32', '1x3x64x96')
-        for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50')]
+        for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50')]
     for r in norm_gate_networks:
         assert all(v > 0 for v in numbers(r[2])) and float(r[3]) > 0
 

@@ -13,6 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.registry import MODELS
 
+from tail_checks import (assert_as_close_as_plain, backbone_step,
+                         random_norm, tail_results)
+
 from mmctx.models import GatherExcite, norm_gate
 from mmctx.models.utils import size_generic
 
@@ -23,17 +26,6 @@ def plain_tail(z, identity, norm, gate):
     return F.relu(gate.forward_residual(norm(z), identity))
 
 
-def random_norm(channels, dtype, **kwargs):
-    norm = nn.BatchNorm2d(channels, **kwargs).to(dtype)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-0.5, 0.5)
-        if norm.running_mean is not None:
-            norm.running_mean.uniform_(-1, 1)
-            norm.running_var.uniform_(0.5, 2)
-    return norm
-
-
 def random_gate(channels, variant, size, dtype):
     gate = GatherExcite(channels, variant=variant, feature_size=size,
                         reduction=2).to(dtype)
@@ -41,19 +33,6 @@ def random_gate(channels, variant, size, dtype):
         for p in gate.parameters():
             p.normal_(0, 0.3)
     return gate
-
-
-def tail_results(tail, z, identity, norm, gate):
-    z = z.detach().clone().requires_grad_()
-    identity = identity.detach().clone().requires_grad_()
-    norm.zero_grad()
-    gate.zero_grad()
-    out = tail(z, identity, norm, gate)
-    weight = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)
-    (out * weight).sum().backward()
-    return [out.detach(), z.grad, identity.grad, norm.weight.grad,
-            norm.bias.grad] + [p.grad for p in gate.parameters()] + [
-                b.clone() for m in (norm, gate) for b in m.buffers()]
 
 
 @pytest.mark.parametrize('size', [(7, 9), (16, 24), (4, 4), (3, 4)])
@@ -114,18 +93,10 @@ def test_fused_tail_matches_the_plain_ops(dtype, variant, shape,
         plain_results = tail_results(plain_tail, z, identity, *plain)
         reference_results = tail_results(plain_tail, z.double(),
                                          identity.double(), *reference)
-    assert len(fused_results) == len(plain_results) == len(
-        reference_results)
-    for a, b, r in zip(fused_results, plain_results, reference_results):
-        if dtype is torch.float64:
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-            continue
-        # as close to float64 as the plain ops in float32 (some gradients
-        # are ill-conditioned: the gather norm's over a batch of two)
-        scale = float(r.abs().max()) if r.is_floating_point() else 1
-        plain_error = float((b.to(r.dtype) - r).abs().max())
-        torch.testing.assert_close(a.to(r.dtype), r, rtol=0, atol=max(
-            1e-6 * scale, 4 * plain_error))
+    # some gradients are ill-conditioned: the gather norm's over a batch
+    # of two
+    assert_as_close_as_plain(fused_results, plain_results,
+                             reference_results)
 
 
 @pytest.mark.parametrize('variant', VARIANTS)
@@ -178,17 +149,6 @@ def ge_backbone(variant='parameter_free', **kwargs):
             elif 'gather_excite' in name:
                 p.normal_(0, 0.02)
     return net.double()
-
-
-def backbone_step(net, x):
-    net.zero_grad()
-    x = x.clone().requires_grad_()
-    outs = net(x)
-    sum((o * torch.linspace(-1, 2, o.numel(), dtype=o.dtype).view_as(o)).sum()
-        for o in outs).backward()
-    return [o.detach() for o in outs] + [x.grad] + [
-        p.grad.clone() for p in net.parameters()] + [
-        b.clone() for b in net.buffers()]
 
 
 def count_fused_calls(monkeypatch):

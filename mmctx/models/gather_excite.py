@@ -10,6 +10,7 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
+from . import norm_gate
 from .gating import (channel_dot, channel_gate, channel_gate_add,
                      channel_scale_shift, global_mean_gate)
 from .utils import (check_choice, check_init_cfg, check_layer_cfg,
@@ -258,3 +259,17 @@ class GatherExcite(BaseModule):
         if self.extent != 'global':
             return torch.addcmul(identity, x, gate)
         return channel_gate_add(x, gate, identity)
+
+    def tail_applies(self, norm, z, identity):
+        """Whether :meth:`forward_tail` may run here: a global gate after a
+        training-mode BatchNorm, on contiguous float CPU maps, in eager code
+        (:func:`mmctx.models.norm_gate.applies`)."""
+        return self.extent == 'global' and norm_gate.applies(
+            norm, z, identity, self)
+
+    def forward_tail(self, z, identity, norm):
+        """``relu(identity + self(norm(z)))`` as one function over C++ row
+        loops: a bottleneck's tail in training
+        (:mod:`mmctx.models.norm_gate`). Call only where
+        :meth:`tail_applies`."""
+        return norm_gate.norm_gate_add_relu(z, identity, norm, self)

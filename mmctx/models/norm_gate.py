@@ -116,10 +116,8 @@ class _NormGateAddReLU(torch.autograd.Function):
         gate_values = gate.detach().double()
         out = ops.scale_shift_add_relu(z, identity, scale * gate_values,
                                        shift * gate_values)
-        if running_mean is not None:
-            running_mean.lerp_(mean.to(running_mean.dtype), factor)
-            running_var.lerp_(
-                (var * (count / (count - 1))).to(running_var.dtype), factor)
+        update_running_statistics(running_mean, running_var, mean, var,
+                                  count, factor)
         ctx.save_for_backward(z, weight, bias, kernel, out, *head_params)
         ctx.head = context, gate
         ctx.moments = (sums, dots[0] if dots else None, kernel_sum, mean,
@@ -255,6 +253,30 @@ def _kernel(gate_module, size):
         (1, 2), dtype=torch.float64)
 
 
+def running_statistics(norm):
+    """A training-mode BatchNorm's running mean and variance (None, None
+    where it keeps none) and this step's update factor, counting the step
+    in ``num_batches_tracked`` as its forward would."""
+    factor = 0. if norm.momentum is None else norm.momentum
+    if not norm.track_running_stats or norm.running_mean is None:
+        return None, None, factor
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:  # cumulative moving average
+            factor = 1. / float(norm.num_batches_tracked)
+    return norm.running_mean, norm.running_var, factor
+
+
+def update_running_statistics(running_mean, running_var, mean, var, count,
+                              factor):
+    """BatchNorm's update of its running statistics (if any) from a batch's
+    ``mean`` and biased ``var`` over ``count`` values per channel."""
+    if running_mean is not None:
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)
+        running_var.lerp_(
+            (var * (count / (count - 1))).to(running_var.dtype), factor)
+
+
 def applies(norm, z, identity, gate_module):
     """Whether :func:`norm_gate_add_relu` takes the fused path: ``norm`` a
     training-mode ``nn.BatchNorm2d``, ``gate_module`` a global
@@ -283,14 +305,7 @@ def norm_gate_add_relu(z, identity, norm, gate_module):
     ``nn.BatchNorm2d``, whose running statistics (and
     ``num_batches_tracked``) are updated as its own forward would, and so
     are those of the gate's norm. Call only where :func:`applies`."""
-    factor = 0. if norm.momentum is None else norm.momentum
-    running_mean = running_var = None
-    if norm.track_running_stats and norm.running_mean is not None:
-        running_mean, running_var = norm.running_mean, norm.running_var
-        if norm.num_batches_tracked is not None:
-            norm.num_batches_tracked.add_(1)
-            if norm.momentum is None:  # cumulative moving average
-                factor = 1. / float(norm.num_batches_tracked)
+    running_mean, running_var, factor = running_statistics(norm)
     head_params = [p for name, p in gate_module.named_parameters()
                    if not name.startswith('gather.')]  # the kernel: its own
     return _NormGateAddReLU.apply(z, identity, norm.weight, norm.bias,

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
+from . import norm_pixel_gate
 from .gating import pixel_gate_add
 from .utils import (check_init_cfg, check_positive_int, check_real,
                     check_size, gemm_applies, pointwise_product,
@@ -92,19 +93,18 @@ class PatchSpatialInteraction(BaseModule):
 
         Away from the reference size, the channels are squeezed before the
         resampling (both are linear, so the result is the same): one 1x1 conv
-        gives a map per kernel offset, and only those few maps are resampled
-        instead of all C channels. Traced / exported graphs always take this
-        path (:func:`~mmctx.models.utils.size_generic_path`): it serves
-        every size, and equals the plain squeeze at the reference size up to
-        float rounding.
+        gives a map per kernel offset (:meth:`offset_weights`), and only
+        those few maps are resampled instead of all C channels
+        (:meth:`patches_of_offset_maps`). Traced / exported graphs always
+        take this path (:func:`~mmctx.models.utils.size_generic_path`): it
+        serves every size, and equals the plain squeeze at the reference
+        size up to float rounding.
         """
         generic = size_generic_path(x)
         if not generic and tuple(x.shape[-2:]) == self.feature_size:
             return self.squeeze(x)
-        (ph, pw), (gh, gw) = self.squeeze.kernel_size, self.grid
-        weight = self.squeeze.weight.permute(2, 3, 0, 1)  # (ph, pw, 1, C)
-        weight = weight.reshape(ph * pw, -1, 1, 1)
-        if generic and ph * pw == 1:
+        weight = self.offset_weights().view(*self.offset_weights_shape)
+        if generic and weight.shape[0] == 1:
             # A conv with one output channel makes torch.export guard on
             # the map's area (> 1, a memory-format check); a weighted
             # channel sum computes the same map without it.
@@ -116,18 +116,44 @@ class PatchSpatialInteraction(BaseModule):
             maps = pointwise_product(weight, x)
         else:
             maps = F.conv2d(x, weight)
+        return self.patches_of_offset_maps(maps)
+
+    @property
+    def offset_weights_shape(self):
+        """(ph * pw, C, 1, 1): the squeeze as a 1x1 conv, one output map
+        per kernel offset."""
+        (ph, pw) = self.squeeze.kernel_size
+        return (ph * pw, self.in_channels, 1, 1)
+
+    def offset_weights(self):
+        """(ph * pw, C): the squeeze kernel's weights at each offset (i, j)
+        of the patch, row i * pw + j."""
+        return self.squeeze.weight.permute(2, 3, 0, 1).reshape(
+            -1, self.in_channels)
+
+    def patches_of_offset_maps(self, maps):
+        """(B, ph * pw, H, W) maps, the channels weighted by each kernel
+        offset's weights (without the bias) -> (B, 1, gh, gw) patch values:
+        the maps resampled to the reference size, and each patch's pixels
+        taken from the map of their offset."""
+        (ph, pw), (gh, gw) = self.squeeze.kernel_size, self.grid
         maps = resample_to(maps, self.feature_size)
         maps = maps.reshape(-1, ph, pw, gh, ph, gw, pw)
         # Map (i, j) contributes its pixels at offset (i, j) of each patch.
         patches = torch.einsum('zijaibj->zab', maps)
         return patches + self.squeeze.bias.view(1, 1, 1)
 
+    def pixel_weights_of_patches(self, patches, size):
+        """(B, 1, gh, gw) patch values -> (B, 1, H, W): each pixel of an
+        (H, W) map gets its patch's weight."""
+        weights = self.mlp(patches.flatten(1)).sigmoid()
+        weights = weights.view(patches.shape[0], 1, *self.grid)
+        return F.interpolate(weights, size=size, mode='nearest')
+
     def pixel_weights(self, x):
         """(B, 1, H, W): each pixel's patch weight."""
-        patches = self.squeeze_patches(x)
-        weights = self.mlp(patches.flatten(1)).sigmoid()
-        weights = weights.view(x.shape[0], 1, *self.grid)
-        return F.interpolate(weights, size=x.shape[-2:], mode='nearest')
+        return self.pixel_weights_of_patches(self.squeeze_patches(x),
+                                             x.shape[-2:])
 
     def forward(self, x):
         return x * self.pixel_weights(x)
@@ -136,3 +162,17 @@ class PatchSpatialInteraction(BaseModule):
         """``identity + self(x)``, the weighting and a residual block's add
         in one pass over the map (used by the mmctx bottlenecks)."""
         return pixel_gate_add(x, self.pixel_weights(x), identity)
+
+    def tail_applies(self, norm, z, identity):
+        """Whether :meth:`forward_tail` may run here: after a training-mode
+        BatchNorm, on contiguous float CPU maps, in eager code
+        (:func:`mmctx.models.norm_pixel_gate.applies`)."""
+        return norm_pixel_gate.applies(norm, z, identity, self)
+
+    def forward_tail(self, z, identity, norm):
+        """``relu(identity + self(norm(z)))`` as one function over C++ row
+        loops: a bottleneck's tail in training
+        (:mod:`mmctx.models.norm_pixel_gate`). Call only where
+        :meth:`tail_applies`."""
+        return norm_pixel_gate.norm_pixel_gate_add_relu(z, identity, norm,
+                                                        self)

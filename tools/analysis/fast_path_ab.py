@@ -22,12 +22,12 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
   upstream block (gate, then ``out += identity``), on one stage-1 block of
   GE-θ⁻ / GE-θ⁺ / PSI-ResNet-50 at ``--block-shape`` (train: forward +
   backward; eval: no_grad forward);
-- GE's block tail in training (bn3, gate, residual add, ReLU) as one
-  function over C++ row kernels (``mmctx.models.norm_gate``) vs the plain
-  ops, next to ResNet-50's own tail (bn3, add, ReLU), on each stage's map
-  at ``--block-shape`` batch ``--batch`` and at ``--shape`` batch 1
-  (forward + backward), and whole GE-ResNet-50 training steps with and
-  without it.
+- GE's and PSI's block tails in training (bn3, gate, residual add, ReLU)
+  as one function over C++ loops (``mmctx.models.norm_gate``,
+  ``mmctx.models.norm_pixel_gate``) vs the plain ops, next to ResNet-50's
+  own tail (bn3, add, ReLU), on each stage's map at ``--block-shape`` batch
+  ``--batch`` and at ``--shape`` batch 1 (forward + backward), and whole
+  GE- and PSI-ResNet-50 training steps with and without them.
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --tables norm-gate
@@ -51,7 +51,8 @@ from mmctx.benchmark import (BACKBONES, TrainingStep,  # noqa: E402
 from mmctx.models.backbones.gated_bottleneck import (  # noqa: E402
     GatedBottleneck)
 from mmctx.models import (gather_excite, gating,  # noqa: E402
-                          norm_gate, patch_spatial_interaction)
+                          norm_gate, norm_pixel_gate,
+                          patch_spatial_interaction)
 from mmctx.models.gating import (_channel_dots, _dot_hw,  # noqa: E402
                                  _kernel_grad)
 from mmctx.models.utils import adaptive_avg_pool2d_banded  # noqa: E402
@@ -192,7 +193,7 @@ def network_rows(shape, block_shape, batch, repeats, names=NETWORKS):
                     torch.addcmul(shift, x, scale),
                     pixel_gate_add=lambda x, weights, identity:
                     torch.addcmul(identity, x, weights))
-    applies = norm_gate.applies
+    applies = norm_gate.applies, norm_pixel_gate.applies
 
     def unfused(*args):
         return False
@@ -208,8 +209,8 @@ def network_rows(shape, block_shape, batch, repeats, names=NETWORKS):
             step = TrainingStep(net)
 
             def run(functions, train):
-                # both sides on the gates' ops (not the fused GE-θ⁻ tail)
-                norm_gate.applies = unfused
+                # both sides on the gates' ops (not the fused tails)
+                norm_gate.applies = norm_pixel_gate.applies = unfused
                 for attr, fn in functions.items():
                     setattr(gating, attr, fn)
                 gather_excite.channel_scale_shift = \
@@ -232,7 +233,7 @@ def network_rows(shape, block_shape, batch, repeats, names=NETWORKS):
                     lambda: run(current, False),
                     lambda: run(previous_inference, False), repeats)
             finally:
-                norm_gate.applies = applies
+                norm_gate.applies, norm_pixel_gate.applies = applies
                 for attr, fn in current.items():
                     setattr(gating, attr, fn)
                 gather_excite.channel_scale_shift = \
@@ -310,13 +311,31 @@ GE_VARIANTS = (('GE-θ⁻', 'parameter_free'), ('GE-θ', 'depthwise'),
                ('GE-θ⁺', 'depthwise_excite'))
 
 
+def tail_gates(channels, stage):
+    """GE-R50's gates (their reference grids at 224) and PSI-R50's (at
+    256), with real weights."""
+    from mmctx.models import GatherExcite, PatchSpatialInteraction
+    gates = [GatherExcite(channels, variant=variant,
+                          feature_size=56 >> stage)
+             for _, variant in GE_VARIANTS]
+    gates.append(PatchSpatialInteraction(channels,
+                                         feature_size=64 >> stage))
+    for gate in gates:
+        for p in gate.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    return gates
+
+
 def norm_gate_rows(shape, block_shape, batch, repeats):
-    """GE's training tail relu(identity + gate(bn3(z))) fused / plain, and
-    ResNet-50's relu(bn3(z) + identity), forward + backward, ms."""
-    from mmctx.models import GatherExcite
+    """GE's and PSI's training tails relu(identity + gate(bn3(z))) fused /
+    plain, and ResNet-50's relu(bn3(z) + identity), forward + backward,
+    ms."""
 
     def plain(z, identity, norm, gate):
         return F.relu(gate.forward_residual(norm(z), identity))
+
+    def fused(z, identity, norm, gate):
+        return gate.forward_tail(z, identity, norm)
 
     def resnet(z, identity, norm, gate):
         out = norm(z)
@@ -341,16 +360,11 @@ def norm_gate_rows(shape, block_shape, batch, repeats):
                 gate.zero_grad(set_to_none=True)
 
             cells = []
-            for _, variant in GE_VARIANTS:
-                # GE-R50's gates: their reference grids at 224
-                gate = GatherExcite(channels, variant=variant,
-                                    feature_size=56 >> stage)
-                for p in gate.parameters():  # real weights
-                    torch.nn.init.normal_(p, std=0.02)
-                _, fused, unfused = time_two_paths(
-                    lambda: step(norm_gate.norm_gate_add_relu, gate),
-                    lambda: step(plain, gate), repeats)
-                cells.append(f'{unfused:.2f} → {fused:.2f}')
+            for gate in tail_gates(channels, stage):
+                _, fast, slow = time_two_paths(
+                    lambda: step(fused, gate), lambda: step(plain, gate),
+                    repeats)
+                cells.append(f'{slow:.2f} → {fast:.2f}')
             _, stock, _ = time_two_paths(lambda: step(resnet, gate),
                                          lambda: step(plain, gate), 5, 1)
             yield (f'| {stage + 1} | {"x".join(map(str, dims))} '
@@ -358,25 +372,29 @@ def norm_gate_rows(shape, block_shape, batch, repeats):
 
 
 def norm_gate_network_rows(shape, block_shape, batch, repeats):
-    """GE-R50s' training steps with the fused tails / the plain ops."""
-    applies = norm_gate.applies
+    """GE-R50s' and PSI-R50's training steps with the fused tails / the
+    plain ops."""
+    checks = (norm_gate, norm_pixel_gate)
+    applies = [module.applies for module in checks]
     for batch_, size_ in ((batch, block_shape), (1, shape)):
         x = torch.randn(batch_, 3, *size_)
-        for name, _ in GE_VARIANTS:
+        for name in [name for name, _ in GE_VARIANTS] + ['PSI']:
             net = MODELS.build(BACKBONES[f'{name}-R50'])
             net.init_weights()
             step = TrainingStep(net)
 
             def run(fused):
-                norm_gate.applies = applies if fused else (
-                    lambda *args: False)
+                for module, check in zip(checks, applies):
+                    module.applies = check if fused else (
+                        lambda *args: False)
                 step(x)
 
             try:
                 ratio, fast, slow = time_two_paths(
                     lambda: run(True), lambda: run(False), repeats)
             finally:
-                norm_gate.applies = applies
+                for module, check in zip(checks, applies):
+                    module.applies = check
             yield (f'| {name}-R50 | {batch_}x3x{size_[0]}x{size_[1]} '
                    f'| {slow:.0f} → {fast:.0f} | {ratio:.3f} |')
 
@@ -449,24 +467,28 @@ def pixel_gate_table(args):
 def block_table(args):
     print_table(
         f'\n## One stage-1 block at {args.block_shape} batch {args.batch}: '
-        'gate + residual add in one pass / upstream (median ratio)\n',
+        'gate + residual add in one pass (training: bn3 to the ReLU as '
+        'one function) / upstream (median ratio)\n',
         '| model | train | eval |\n|---|---:|---:|',
         block_rows(size(args.block_shape), args.batch, args.repeats))
 
 
 def norm_gate_table(args):
     print_table(
-        '\n## GE\'s block tail in training (bn3, gate, residual add, ReLU), '
-        'forward + backward, ms: ResNet-50\'s tail (bn3, add, ReLU) for '
-        'reference; GE\'s, plain ops → one function (`norm_gate`; GE-θ '
-        'and GE-θ⁺ with GE-R50\'s kernels, built for 224). Batch '
+        '\n## GE\'s and PSI\'s block tails in training (bn3, gate, '
+        'residual add, ReLU), forward + backward, ms: ResNet-50\'s tail '
+        '(bn3, add, ReLU) for reference; GE\'s and PSI\'s, plain ops → '
+        'one function (`norm_gate`, `norm_pixel_gate`; GE-θ and GE-θ⁺ '
+        'with GE-R50\'s kernels, built for 224; PSI with PSI-R50\'s '
+        'patches, built for 256). Batch '
         f'{args.batch}: {args.block_shape}; batch 1: {args.shape}.\n',
-        '| stage | map | ResNet-50 | GE-θ⁻ | GE-θ | GE-θ⁺ |\n'
-        '|---|---|---:|---:|---:|---:|',
+        '| stage | map | ResNet-50 | GE-θ⁻ | GE-θ | GE-θ⁺ | PSI |\n'
+        '|---|---|---:|---:|---:|---:|---:|',
         norm_gate_rows(size(args.shape), size(args.block_shape), args.batch,
                        args.repeats))
     print_table(
-        '\n## GE-ResNet-50 training steps, plain tails → fused tails '
+        '\n## GE- and PSI-ResNet-50 training steps, plain tails → fused '
+        'tails '
         '(ms, median ratio)\n',
         '| model | input | ms | ratio |\n|---|---|---:|---:|',
         norm_gate_network_rows(size(args.shape), size(args.block_shape),

@@ -1,12 +1,10 @@
 """GE-ResNet: upstream ResNet with a GatherExcite plugin after conv3 + bn3 of
 every bottleneck (Hu et al., NeurIPS 2018)."""
 import torch
-import torch.utils.checkpoint as cp
 from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import norm_gate
 from ..utils import hooked, size_generic_path
 from .context_resnet import ContextResNet
 from .gated_bottleneck import GatedBottleneck
@@ -14,11 +12,10 @@ from .gated_bottleneck import GatedBottleneck
 
 class GEBottleneck(GatedBottleneck):
     """Upstream Bottleneck whose inference folds norm3 into a global GE gate
-    that directly follows it (:meth:`GatherExcite.forward_after_norm`),
-    whose training runs norm3, a global GE gate, the residual add and the
-    ReLU as one function (:mod:`mmctx.models.norm_gate`);
-    otherwise the gate and the residual add are one pass
-    (:class:`GatedBottleneck`).
+    that directly follows it (:meth:`GatherExcite.forward_after_norm`);
+    otherwise a :class:`GatedBottleneck` (in training norm3, a global GE
+    gate, the residual add and the ReLU as one function,
+    :mod:`mmctx.models.norm_gate`).
 
     In eval mode without autograd, an eval BatchNorm followed by a global
     GE gate is one multiply-add over the map instead of two passes. The
@@ -55,45 +52,8 @@ class GEBottleneck(GatedBottleneck):
                 and gate.extent == 'global'
                 and not hooked(norm) and not hooked(gate))
 
-    def _gate_after_norm3(self, x):
-        """The global GE gate that is norm3's only after_conv3 plugin, where
-        the block's tail can run fused in training (norm3 a training-mode
-        BatchNorm; the rest is checked on conv3's output,
-        :func:`mmctx.models.norm_gate.applies`); else None."""
-        norm3 = getattr(self, self.norm3_name)
-        if not (self.training and self.with_plugins and norm3.training
-                and isinstance(norm3, _BatchNorm)) or len(
-                    self.after_conv3_plugin_names) != 1:
-            return None
-        plugin = getattr(self, self.after_conv3_plugin_names[0])
-        if getattr(plugin, 'extent', None) != 'global' or hooked(self.relu):
-            return None
-        return self.residual_gate(x)
-
-    def _forward_fused_tail(self, x, gate):
-        norm3 = getattr(self, self.norm3_name)
-
-        def _inner_forward(x):
-            out = self.relu(self.norm1(self.conv1(x)))
-            out = self.forward_plugin(out, self.after_conv1_plugin_names)
-            out = self.relu(self.norm2(self.conv2(out)))
-            out = self.forward_plugin(out, self.after_conv2_plugin_names)
-            out = self.conv3(out)
-            identity = x if self.downsample is None else self.downsample(x)
-            if norm_gate.applies(norm3, out, identity, gate):
-                return norm_gate.norm_gate_add_relu(out, identity, norm3,
-                                                    gate)
-            return self.relu(gate.forward_residual(norm3(out), identity))
-
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        return _inner_forward(x)
-
     def forward(self, x):
         if not self._can_fold_norm3(x):
-            gate = self._gate_after_norm3(x)
-            if gate is not None:
-                return self._forward_fused_tail(x, gate)
             return super().forward(x)
         self._fold_norm3 = True
         try:

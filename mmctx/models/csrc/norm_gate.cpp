@@ -1,7 +1,10 @@
-// Training-mode BatchNorm + global Gather-Excite gate + residual add + ReLU
-// of a bottleneck, as passes over the rows of the (B * C, H * W) map. The
-// per-row and per-channel algebra is done by the caller
-// (mmctx/models/norm_gate.py); these loops only read and write maps.
+// Training-mode BatchNorm + a gate + residual add + ReLU of a bottleneck,
+// as passes over the rows of the (B * C, H * W) map: a global Gather-Excite
+// gate, one value per row (mmctx/models/norm_gate.py), or Patch Spatial
+// Interaction's, one value per image and pixel
+// (mmctx/models/norm_pixel_gate.py). The per-row, per-pixel and
+// per-channel algebra is done by the callers; these loops only read and
+// write maps.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -292,10 +295,195 @@ torch::Tensor pool_adjoint(torch::Tensor kernel, int64_t height,
   return out;
 }
 
+// The per-pixel loops below run over (image, chunk of kChunk pixels) tasks,
+// each looping over the image's channels: a chunk's per-pixel values (gate
+// weights, sums over channels, the squeeze maps' gradients) stay in cache
+// while every channel's row passes by.
+template <typename F>
+void for_pixel_chunks(int64_t batch, int64_t n, F f) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / chunks, chunk = t % chunks, i0 = chunk * kChunk;
+      f(b, chunk, i0, std::min(n, i0 + kChunk));
+    }
+  });
+}
+
+void check_pixels(const torch::Tensor& weights, const torch::Tensor& z) {
+  TORCH_CHECK(weights.device().is_cpu() && weights.is_contiguous() &&
+                  weights.scalar_type() == z.scalar_type() &&
+                  weights.numel() == z.size(0) * (z.numel() / z.size(0) /
+                                                  z.size(1)),
+              "weights must be a contiguous CPU (B, H, W) tensor for z");
+}
+
+// relu(identity + (z * scale[c] + shift[c]) * weights[b, i]) at pixel i of
+// row (b, c).
+torch::Tensor pixel_scale_shift_add_relu(torch::Tensor z,
+                                         torch::Tensor identity,
+                                         torch::Tensor scale,
+                                         torch::Tensor shift,
+                                         torch::Tensor weights) {
+  TORCH_CHECK(z.dim() == 4, "z must be (B, C, H, W)");
+  check_map(z, z, "z");
+  check_map(identity, z, "identity");
+  check_pixels(weights, z);
+  auto out = torch::empty_like(z);
+  const int64_t channels = z.size(1), rows = z.size(0) * channels,
+                n = z.numel() / rows;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "pixel_scale_shift_add_relu",
+                             [&] {
+    auto sc = values_like(scale, z), sh = values_like(shift, z);
+    const scalar_t *zp = z.data_ptr<scalar_t>(),
+                   *ip = identity.data_ptr<scalar_t>(),
+                   *wp = weights.data_ptr<scalar_t>(),
+                   *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t *zr = zp + r * n, *ir = ip + r * n,
+                       *wr = wp + (r / channels) * n;
+        scalar_t* orow = op + r * n;
+        const scalar_t a = scp[r % channels], b = shp[r % channels];
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t v = ir[i] + (zr[i] * a + b) * wr[i];
+          orow[i] = v > scalar_t(0) ? v : scalar_t(0);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// ReLU's backward, masked = grad * (out > 0), written out (it is the
+// identity's gradient); per image and pixel, the sum over channels of
+// masked * (z * scale[c] + shift[c]) (the gate weight's gradient); per row,
+// the sums of masked * weights and of masked * weights * z (double).
+std::vector<torch::Tensor> relu_grad_pixel_moments(
+    torch::Tensor grad, torch::Tensor out, torch::Tensor z,
+    torch::Tensor weights, torch::Tensor scale, torch::Tensor shift) {
+  TORCH_CHECK(z.dim() == 4, "z must be (B, C, H, W)");
+  check_map(z, z, "z");
+  check_map(grad, z, "grad");
+  check_map(out, z, "out");
+  check_pixels(weights, z);
+  const int64_t batch = z.size(0), channels = z.size(1),
+                n = z.numel() / (batch * channels),
+                chunks = (n + kChunk - 1) / kChunk;
+  auto masked = torch::empty_like(z);
+  auto pixel_sums = torch::empty({batch, n}, z.options());
+  auto opts = z.options().dtype(torch::kFloat64);
+  // per row and chunk; the caller adds up the chunks
+  auto sums = torch::empty({batch, channels, chunks}, opts);
+  auto dots = torch::empty({batch, channels, chunks}, opts);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "relu_grad_pixel_moments", [&] {
+    auto sc = values_like(scale, z), sh = values_like(shift, z);
+    const scalar_t *gp = grad.data_ptr<scalar_t>(),
+                   *op = out.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>(),
+                   *wp = weights.data_ptr<scalar_t>(),
+                   *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
+    scalar_t *mp = masked.data_ptr<scalar_t>(),
+             *pp = pixel_sums.data_ptr<scalar_t>();
+    double *s1 = sums.data_ptr<double>(), *s2 = dots.data_ptr<double>();
+    for_pixel_chunks(batch, n, [&](int64_t b, int64_t chunk, int64_t i0,
+                                   int64_t i1) {
+      const int64_t len = i1 - i0;
+      std::vector<double> acc(len, 0.);
+      double* ap = acc.data();
+      const scalar_t* wr = wp + b * n + i0;
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t r = b * channels + c, off = r * n + i0;
+        const scalar_t *gr = gp + off, *orow = op + off, *zr = zp + off;
+        scalar_t* mr = mp + off;
+        const scalar_t a = scp[c], s = shp[c];
+        scalar_t ca = 0, cb = 0;
+        _Pragma("omp simd reduction(+ : ca, cb)")
+        for (int64_t i = 0; i < len; ++i) {
+          const scalar_t v = orow[i] > scalar_t(0) ? gr[i] : scalar_t(0);
+          mr[i] = v;
+          ap[i] += double(v * (zr[i] * a + s));
+          const scalar_t vw = v * wr[i];
+          ca += vw;
+          cb += vw * zr[i];
+        }
+        s1[r * chunks + chunk] = ca;
+        s2[r * chunks + chunk] = cb;
+      }
+      scalar_t* pr = pp + b * n + i0;
+      for (int64_t i = 0; i < len; ++i) pr[i] = scalar_t(ap[i]);
+    });
+  });
+  return {masked, pixel_sums, sums, dots};
+}
+
+// z's gradient at pixel i of row (b, c): grad_scale[c] * masked * weights[b,
+// i] + z_scale[c] * z + shift[c] + sum over k of map_scale[c, k] *
+// maps_grad[b, k, i].
+torch::Tensor combine_pixel_rows(torch::Tensor masked, torch::Tensor z,
+                                 torch::Tensor weights,
+                                 torch::Tensor maps_grad,
+                                 torch::Tensor grad_scale,
+                                 torch::Tensor map_scale,
+                                 torch::Tensor z_scale, torch::Tensor shift) {
+  TORCH_CHECK(z.dim() == 4, "z must be (B, C, H, W)");
+  check_map(z, z, "z");
+  check_map(masked, z, "masked");
+  check_pixels(weights, z);
+  const int64_t batch = z.size(0), channels = z.size(1),
+                n = z.numel() / (batch * channels);
+  TORCH_CHECK(maps_grad.device().is_cpu() && maps_grad.is_contiguous() &&
+                  maps_grad.scalar_type() == z.scalar_type() &&
+                  maps_grad.dim() == 3 && maps_grad.size(0) == batch &&
+                  maps_grad.size(2) == n,
+              "maps_grad must be a contiguous CPU (B, K, H * W) tensor");
+  const int64_t maps = maps_grad.size(1);
+  TORCH_CHECK(map_scale.numel() == channels * maps,
+              "map_scale must be (C, K)");
+  auto result = torch::empty_like(z);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "combine_pixel_rows", [&] {
+    auto gs = values_like(grad_scale, z), ms = values_like(map_scale, z),
+         zs = values_like(z_scale, z), sh = values_like(shift, z);
+    const scalar_t *mp = masked.data_ptr<scalar_t>(),
+                   *zp = z.data_ptr<scalar_t>(),
+                   *wp = weights.data_ptr<scalar_t>(),
+                   *dp = maps_grad.data_ptr<scalar_t>(),
+                   *gsp = gs.data_ptr<scalar_t>(), *msp = ms.data_ptr<scalar_t>(),
+                   *zsp = zs.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
+    scalar_t* rp = result.data_ptr<scalar_t>();
+    for_pixel_chunks(batch, n, [&](int64_t b, int64_t, int64_t i0,
+                                   int64_t i1) {
+      const int64_t len = i1 - i0;
+      const scalar_t* wr = wp + b * n + i0;
+      const scalar_t* dr = dp + b * maps * n + i0;
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t off = (b * channels + c) * n + i0;
+        const scalar_t *mr = mp + off, *zr = zp + off;
+        scalar_t* rr = rp + off;
+        const scalar_t a = gsp[c], bz = zsp[c], s = shp[c];
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < len; ++i)
+          rr[i] = a * mr[i] * wr[i] + bz * zr[i] + s;
+        for (int64_t k = 0; k < maps; ++k) {
+          const scalar_t e = msp[c * maps + k];
+          const scalar_t* dk = dr + k * n;
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < len; ++i) rr[i] += e * dk[i];
+        }
+      }
+    });
+  });
+  return result;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_adjoint", &pool_adjoint);
   m.def("row_moments", &row_moments);
   m.def("scale_shift_add_relu", &scale_shift_add_relu);
   m.def("relu_grad_moments", &relu_grad_moments);
   m.def("combine_rows", &combine_rows);
+  m.def("pixel_scale_shift_add_relu", &pixel_scale_shift_add_relu);
+  m.def("relu_grad_pixel_moments", &relu_grad_pixel_moments);
+  m.def("combine_pixel_rows", &combine_pixel_rows);
 }

@@ -1,0 +1,216 @@
+"""A Patch Spatial Interaction bottleneck's tail in training as one function
+over C++ loops (mmctx.models.norm_pixel_gate): bn3 (batch statistics,
+running statistics updated), PSI's per-pixel gate (squeeze, patches, MLP),
+the residual add and the ReLU give what the plain ops give, in the
+function, in PSI-ResNet blocks and whole backbones; everything else keeps
+the plain ops."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.registry import MODELS
+from tail_checks import (assert_as_close_as_plain, backbone_step,
+                         random_norm, tail_results)
+
+from mmctx.models import PatchSpatialInteraction, norm_pixel_gate
+from mmctx.models.utils import size_generic
+
+
+def plain_tail(z, identity, norm, psi):
+    return F.relu(psi.forward_residual(norm(z), identity))
+
+
+def fused_tail(z, identity, norm, psi):
+    return psi.forward_tail(z, identity, norm)
+
+
+def random_psi(channels, feature_size, grid_size, dtype):
+    psi = PatchSpatialInteraction(channels, feature_size=feature_size,
+                                  grid_size=grid_size).to(dtype)
+    with torch.no_grad():
+        for p in psi.parameters():
+            p.normal_(0, 0.5)
+    return psi
+
+
+# (map shape, PSI's reference feature size, grid): patches 2x2 at the
+# reference size and off it (the per-offset maps resampled), one pixel per
+# patch (grid = the map), rows longer than one loop chunk (1024 pixels), a
+# 1x1 map
+CASES = [
+    ((2, 4, 8, 8), (8, 8), 4),
+    ((2, 4, 6, 10), (8, 8), 4),
+    ((2, 3, 5, 7), (5, 7), 4),
+    ((2, 3, 40, 33), (8, 8), 4),
+    ((3, 4, 1, 1), (2, 2), 2),
+]
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('shape, feature_size, grid', CASES)
+@pytest.mark.parametrize('norm_kwargs', [
+    dict(),
+    dict(momentum=None),  # cumulative moving average
+    dict(track_running_stats=False),  # batch statistics, nothing kept
+])
+def test_fused_tail_matches_the_plain_ops(dtype, shape, feature_size, grid,
+                                          norm_kwargs):
+    """Output; gradients of the map, the identity, bn3's weight and bias
+    and PSI's parameters (squeeze, MLP); running statistics and batch
+    counts after two steps. In float32 the fused path is held to the plain
+    ops in float64, as close as the plain ops are."""
+    torch.manual_seed(0)
+    norm = random_norm(shape[1], dtype, **norm_kwargs)
+    psi = random_psi(shape[1], feature_size, grid, dtype)
+    plain = copy.deepcopy((norm, psi))
+    reference = copy.deepcopy((norm, psi))
+    for module in reference:
+        module.double()
+    # off-centre map: the variance comes from sums of squares
+    z = torch.randn(shape, dtype=dtype) * 3 + 2
+    identity = torch.randn(shape, dtype=dtype)
+    assert psi.tail_applies(norm, z, identity)
+    for _ in range(2):
+        fused_results = tail_results(fused_tail, z, identity, norm, psi)
+        plain_results = tail_results(plain_tail, z, identity, *plain)
+        reference_results = tail_results(plain_tail, z.double(),
+                                         identity.double(), *reference)
+    assert_as_close_as_plain(fused_results, plain_results,
+                             reference_results)
+
+
+@pytest.mark.parametrize('shape, feature_size', [
+    ((2, 3, 4, 4), (4, 4)), ((2, 3, 3, 5), (4, 4))])
+def test_fused_tail_supports_double_backward(shape, feature_size):
+    """Second derivatives through the fused tail are autograd's
+    (``gradgradcheck``, float64): its backward rebuilds the plain ops when
+    the graph of the gradient is recorded."""
+    from torch.autograd import gradgradcheck
+    torch.manual_seed(0)
+    norm = random_norm(3, torch.float64, track_running_stats=False)
+    psi = random_psi(3, feature_size, 2, torch.float64)
+    head = [p for name, p in psi.named_parameters()
+            if name != 'squeeze.weight']
+
+    def tail(z, identity, weight, bias, offset_weights, *head_params):
+        return norm_pixel_gate._NormPixelGateAddReLU.apply(
+            z, identity, weight, bias, offset_weights, None, None, 0.,
+            norm.eps, psi, norm_pixel_gate.kernels(), *head_params)
+
+    inputs = [torch.randn(shape, dtype=torch.float64) for _ in range(2)] + [
+        norm.weight, norm.bias, psi.offset_weights()]
+    # the head computes with the module's own parameters
+    inputs = [t.detach().clone().requires_grad_() for t in inputs] + head
+    assert gradgradcheck(tail, inputs)
+
+
+def psi_backbone(**kwargs):
+    torch.manual_seed(0)
+    net = MODELS.build(dict(dict(type='PSIResNet', depth=14,
+                                 psi=dict(grid_size=4),
+                                 reference_input_size=32, norm_eval=False),
+                            **kwargs))
+    net.init_weights()
+    with torch.no_grad():  # real weights: bn3 and the gates start at zero
+        for name, p in net.named_parameters():
+            if 'bn' in name or 'norm' in name:
+                p.uniform_(0.5, 1.5) if name.endswith('weight') else \
+                    p.uniform_(-0.2, 0.2)
+            elif 'patch_spatial_interaction' in name:
+                p.normal_(0, 0.1)
+    return net.double()
+
+
+def count_fused_calls(monkeypatch):
+    calls = []
+    fused = norm_pixel_gate.norm_pixel_gate_add_relu
+    monkeypatch.setattr(norm_pixel_gate, 'norm_pixel_gate_add_relu',
+                        lambda *args: calls.append(1) or fused(*args))
+    return calls
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(with_cp=True)])
+def test_psi_resnet_training_takes_the_fused_tail(kwargs, monkeypatch):
+    """A PSI-ResNet training with BN updating runs its blocks' tails fused,
+    and gives the plain blocks' outputs, gradients (input, every parameter)
+    and BN statistics, at the reference size (patches 2/1/1/1 with grid 4)
+    and another one (the per-offset maps resampled)."""
+    net = psi_backbone(**kwargs).train()
+    names = [name for name, _ in net.named_modules()
+             if name.endswith('patch_spatial_interaction')]
+    assert len(names) == 4
+    state = copy.deepcopy(net.state_dict())
+    applies = norm_pixel_gate.applies
+    for size in (32, 40):
+        x = torch.randn(2, 3, size, size, dtype=torch.float64)
+        results = []
+        for fused in (True, False):
+            net.load_state_dict(state)
+            calls = count_fused_calls(monkeypatch)
+            monkeypatch.setattr(norm_pixel_gate, 'applies',
+                                applies if fused else lambda *args: False)
+            results.append(backbone_step(net, x))
+            monkeypatch.undo()
+            # with_cp runs each block's forward again in the backward
+            assert len(calls) == (4 * (1 + bool(kwargs)) if fused else 0)
+        # float64; the fused variance is E[z²] - E[z]², which loses digits
+        # of float64 maps (not of float32 ones, summed in float64)
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+
+
+def test_fused_tail_is_left_where_it_does_not_apply(monkeypatch):
+    """Eval-mode BN (``norm_eval``, inference), autocast, traced graphs,
+    hooks on bn3, ReLU or the gate, another norm type, a channels-last map
+    or another plugin after the gate: the plain ops."""
+    calls = count_fused_calls(monkeypatch)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def run(net, x=x):
+        calls.clear()
+        backbone_step(net, x)
+        return len(calls)
+
+    assert run(psi_backbone().train()) == 4
+    assert run(psi_backbone(norm_eval=True).train()) == 0
+    with torch.no_grad():
+        net = psi_backbone().train()
+        net(x)
+        assert len(calls) == 4  # no_grad training: BN still updates
+    net = psi_backbone().train()
+    net.layer1[0].bn3.register_forward_hook(lambda *args: None)
+    net.layer2[0].relu.register_forward_hook(lambda *args: None)
+    net.layer3[0].patch_spatial_interaction.register_forward_pre_hook(
+        lambda *args: None)
+    assert run(net) == 1
+    # 64 pixels: layer4's map is 2x2 (a 1x1 map is contiguous either way)
+    assert run(psi_backbone().train(), torch.randn(
+        2, 3, 64, 64, dtype=torch.float64).to(
+            memory_format=torch.channels_last)) == 0
+    with size_generic():
+        assert run(psi_backbone().train()) == 0
+    net = psi_backbone(plugins=[dict(
+        cfg=dict(type='ContextBlock', ratio=1. / 4), position='after_conv3',
+        stages=(True, False, False, False))]).train()
+    assert run(net) == 3
+    assert run(psi_backbone(norm_cfg=dict(type='GN', num_groups=4))
+               .train()) == 0
+    net = psi_backbone().float().train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert run(net, x.float()) == 0
+
+    norm = random_norm(3, torch.float32)
+    psi = random_psi(3, (4, 4), 2, torch.float32)
+    z, identity = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    assert psi.tail_applies(norm, z, identity)
+    assert not psi.tail_applies(norm.eval(), z, identity)
+    assert not psi.tail_applies(nn.SyncBatchNorm(3).train(), z, identity)
+    assert not psi.tail_applies(norm.train(), z.to(
+        memory_format=torch.channels_last), identity)
+    assert not psi.tail_applies(norm, z[:1, :, :1, :1],
+                                identity[:1, :, :1, :1])  # 1 value
+    assert not psi.tail_applies(norm, z.double(), identity.double())
+    monkeypatch.setattr(norm_pixel_gate, 'kernels', lambda: None)
+    assert not psi.tail_applies(norm, z, identity)  # no compiler
