@@ -3,12 +3,14 @@ ops compute: the hand-written backward passes (mmctx.models.gating) give
 autograd's results, and every module gives the same outputs and gradients
 on its fast path (training, inference) and on the size-generic path of
 traced and exported graphs (the plain ops)."""
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmctx.models import (GatherExcite, GEResNet, PatchSpatialInteraction,
-                          SpatialBias)
+                          SpatialBias, utils)
 from mmctx.models.gating import (channel_dot, channel_gate, channel_gate_add,
                                  channel_scale_shift, global_mean_gate,
                                  pixel_gate_add)
@@ -371,17 +373,20 @@ def test_spatial_bias_squeeze_as_matmul_equals_conv(fusion):
 
 
 @pytest.mark.parametrize('batch', [1, 3])
-def test_pointwise_conv_gemm_matches_conv(batch):
+@pytest.mark.parametrize('path', ['gemm', 'conv'])
+def test_pointwise_conv_gemm_matches_conv(batch, path, monkeypatch):
     """PointwiseConv2d's GEMM gives the conv's output and gradients (input,
     weight, bias), in training and in inference; so does the bare
-    pointwise_product (PSI's squeeze)."""
+    pointwise_product (PSI's squeeze). ``MMCTX_POINTWISE`` picks the
+    path."""
+    monkeypatch.setenv('MMCTX_POINTWISE', path)
     torch.manual_seed(0)
     x = torch.randn(batch, 8, 5, 4)
     for bias in (False, True):
         conv = PointwiseConv2d(8, 3, 1, bias=bias)
         fused = module_grads(conv, x)
-        assert conv(x.double().requires_grad_()).grad_fn.name() != \
-            'ConvolutionBackward0'  # the GEMM ran
+        ran = conv(x.double().requires_grad_()).grad_fn.name()
+        assert (ran == 'ConvolutionBackward0') == (path == 'conv')
         plain = torch.nn.Conv2d(8, 3, 1, bias=bias)
         plain.load_state_dict(conv.state_dict())
         assert_same(fused, module_grads(plain, x), torch.float64)
@@ -391,6 +396,68 @@ def test_pointwise_conv_gemm_matches_conv(batch):
     assert_same(grads(pointwise_product, weight, x.double()),
                 grads(lambda w, t: F.conv2d(t, w), weight, x.double()),
                 torch.float64)
+
+
+def test_pointwise_path_times_each_kind_of_product_once(monkeypatch):
+    """``auto`` times both paths once per kind of product (weight shape,
+    batch 1 or not, pixel count to a power of two, training or not) and
+    keeps the faster; the timing leaves no gradients behind. A fixed
+    ``MMCTX_POINTWISE`` is used as it is; another value is refused by
+    name."""
+    monkeypatch.setattr(utils, '_pointwise_choices', {})
+    monkeypatch.delenv('MMCTX_POINTWISE', raising=False)
+    timed = []
+    real_timing = utils._time_pointwise_paths
+
+    def counted(weight, x, train):
+        timed.append((tuple(x.shape), train))
+        return real_timing(weight, x, train)
+
+    monkeypatch.setattr(utils, '_time_pointwise_paths', counted)
+    weight = torch.randn(3, 8, 1, 1, requires_grad=True)
+    for shape in [(2, 8, 5, 4), (2, 8, 4, 5), (2, 8, 6, 4), (1, 8, 5, 4),
+                  (2, 8, 9, 9)]:
+        assert utils.pointwise_path(weight, torch.randn(shape)) in (
+            'gemm', 'conv')
+        with torch.no_grad():
+            utils.pointwise_path(weight, torch.randn(shape))
+    # 40 and 48 pixels share a kind; batch 1 and 162 pixels are new ones
+    assert timed == [((2, 8, 5, 4), True), ((2, 8, 5, 4), False),
+                     ((1, 8, 5, 4), True), ((1, 8, 5, 4), False),
+                     ((2, 8, 9, 9), True), ((2, 8, 9, 9), False)]
+    assert weight.grad is None
+
+    def slow(path):
+        def run(*args):
+            time.sleep(0.01)
+            return path(*args)
+        return run
+
+    x = torch.randn(2, 8, 7, 7, requires_grad=True)
+    for train in (True, False):
+        with monkeypatch.context() as patch:
+            patch.setattr(utils, 'pointwise_product',
+                          slow(utils.pointwise_product))
+            assert utils._time_pointwise_paths(weight, x, train) == 'conv'
+        with monkeypatch.context() as patch:
+            patch.setattr(utils.F, 'conv2d', slow(F.conv2d))
+            assert utils._time_pointwise_paths(weight, x, train) == 'gemm'
+    # first timed inside activation checkpointing, whose hooks must not
+    # see the timing's graphs (the recomputation skips the timing)
+    import torch.utils.checkpoint as cp
+    monkeypatch.setattr(utils, '_pointwise_choices', {})
+    conv = PointwiseConv2d(8, 3, 1)
+    cp.checkpoint(lambda t: conv(t).relu(), x,
+                  use_reentrant=False).sum().backward()
+    assert len(utils._pointwise_choices) == 1
+    assert x.grad is not None
+    for path in ('gemm', 'conv'):
+        monkeypatch.setenv('MMCTX_POINTWISE', path)
+        assert utils.pointwise_path(weight, x) == path
+    monkeypatch.setenv('MMCTX_POINTWISE', 'blas')
+    with pytest.raises(ValueError, match=r"MMCTX_POINTWISE must be one "
+                       r"of \('auto', 'gemm', 'conv'\), got 'blas'"):
+        utils.pointwise_path(weight, x)
 
 
 def test_pointwise_conv_falls_back_to_the_conv():

@@ -61,6 +61,23 @@ def test_fused_tail_matches_the_plain_ops(dtype, shape, feature_size, grid,
     and PSI's parameters (squeeze, MLP); running statistics and batch
     counts after two steps. In float32 the fused path is held to the plain
     ops in float64, as close as the plain ops are."""
+    check_fused_tail_matches_the_plain_ops(dtype, shape, feature_size, grid,
+                                           norm_kwargs)
+
+
+@pytest.mark.parametrize('path', ['gemm', 'conv'])
+def test_fused_tail_matches_on_either_squeeze_path(path, monkeypatch):
+    """The per-offset maps as a GEMM or as oneDNN's 1x1 conv (whichever
+    ``pointwise_path`` finds faster here, or ``MMCTX_POINTWISE``)."""
+    monkeypatch.setenv('MMCTX_POINTWISE', path)
+    for dtype in (torch.float64, torch.float32):
+        for shape, feature_size, grid in CASES[:2]:
+            check_fused_tail_matches_the_plain_ops(dtype, shape,
+                                                   feature_size, grid, {})
+
+
+def check_fused_tail_matches_the_plain_ops(dtype, shape, feature_size, grid,
+                                           norm_kwargs):
     torch.manual_seed(0)
     norm = random_norm(shape[1], dtype, **norm_kwargs)
     psi = random_psi(shape[1], feature_size, grid, dtype)

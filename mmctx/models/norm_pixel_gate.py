@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .norm_gate import kernels, running_statistics, update_running_statistics
-from .utils import hooked, size_generic_path
+from .utils import hooked, pointwise_path, size_generic_path
 
 
 def _keep(tensor):
@@ -38,8 +38,13 @@ def _keep(tensor):
 
 def _offset_products(weight, z):
     """(K, C) weights, (B, C, H, W) map -> (B, K, H * W): per image, the
-    weights times the map's (C, H * W) matrix."""
+    weights times the map's (C, H * W) matrix (a GEMM, or oneDNN's 1x1
+    conv where that is faster here: :func:`~mmctx.models.utils.
+    pointwise_path`)."""
     batch, channels = z.shape[:2]
+    if pointwise_path(weight[:, :, None, None], z) == 'conv':
+        return F.conv2d(z, weight[:, :, None, None]).view(
+            batch, weight.shape[0], -1)
     maps = z.view(batch, channels, -1)
     if batch == 1:
         return torch.mm(weight, maps[0])[None]

@@ -4,7 +4,10 @@ by name, a batch-size-safe norm call, and resampling to a reference grid
 import contextlib
 import functools
 import numbers
+import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -364,26 +367,111 @@ def resample_to(x, size):
 
 class PointwiseConv2d(torch.nn.Conv2d):
     """``nn.Conv2d`` (same arguments, parameters and state dict) whose 1x1
-    conv on CPU is one GEMM per image, forward and backward.
+    conv on CPU runs as one GEMM per image, forward and backward, where
+    that is faster on this CPU (:func:`pointwise_path`).
 
     oneDNN's CPU conv copies an NCHW input to a blocked layout and back, a
-    full pass over the map that for a 1x1 conv costs about as much as the
-    product, and more at the odd widths SB gives conv3 (67 / 131 / 259
-    input channels). ``weight @ x.view(C, H*W)`` reads the map as it is
-    (:func:`pointwise_product`). Strided or padded convs, channels_last,
-    autocast or non-CPU inputs and traced / exported graphs use the conv;
-    both paths give the same result up to float rounding.
+    full pass over the map that for a 1x1 conv can cost as much as the
+    product; ``weight @ x.view(C, H*W)`` reads the map as it is
+    (:func:`pointwise_product`). Which is faster depends on the CPU and the
+    BLAS behind ``torch.bmm``: on an Intel Xeon the GEMM was (SB's conv3 at
+    stage 1: 30.5 vs 41.6 ms forward + backward), on an AMD EPYC (Zen 4)
+    oneDNN's AVX-512 conv is, by 1.3-2.6x at SB-R50's conv3 widths, while
+    the GEMM still wins for few output maps (PSI's squeeze). Strided or
+    padded convs, channels_last, autocast or non-CPU inputs and traced /
+    exported graphs use the conv; both paths give the same result up to
+    float rounding.
     """
 
     def forward(self, x):
         if self.kernel_size != (1, 1) or self.stride != (1, 1) \
                 or self.padding not in ((0, 0), 'valid') or self.groups != 1 \
-                or not gemm_applies(x):
+                or not gemm_applies(x) \
+                or pointwise_path(self.weight, x) != 'gemm':
             return super().forward(x)
         out = pointwise_product(self.weight, x)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
+
+
+POINTWISE_PATHS = ('auto', 'gemm', 'conv')
+# (out, in, batched, log2 of the pixel count, training, dtype, threads)
+# -> 'gemm' / 'conv', timed once per process
+_pointwise_choices = {}
+
+
+def pointwise_path(weight, x):
+    """``'gemm'`` or ``'conv'``: which computes the 1x1 conv of ``weight``
+    (O, C, 1, 1) on ``x`` faster here, :func:`pointwise_product` or
+    ``F.conv2d``; call only where :func:`gemm_applies`.
+
+    ``MMCTX_POINTWISE`` (``auto`` by default, ``gemm`` or ``conv``) fixes
+    the answer. With ``auto`` the first call for a kind of product times
+    both, alternating (forward, and where autograd records, forward +
+    backward), and keeps the faster for the process, like
+    ``torch.backends.cudnn.benchmark``. A kind is the weight's shape,
+    whether the batch is 1, the pixel count rounded to a power of two (so
+    the varying input sizes of detection training time a few kinds, not
+    every size), training or not, the dtype and the thread count. Both
+    paths compute the same product up to float rounding.
+    """
+    mode = os.environ.get('MMCTX_POINTWISE', 'auto')
+    if mode != 'auto':
+        if mode not in POINTWISE_PATHS:
+            raise ValueError(f'MMCTX_POINTWISE must be one of '
+                             f'{POINTWISE_PATHS}, got {mode!r}')
+        return mode
+    batch, _, height, width = x.shape
+    train = torch.is_grad_enabled() and (x.requires_grad
+                                         or weight.requires_grad)
+    key = (weight.shape[0], weight.shape[1], batch > 1,
+           (batch * height * width).bit_length(), train, x.dtype,
+           torch.get_num_threads())
+    choice = _pointwise_choices.get(key)
+    if choice is None:
+        choice = _pointwise_choices[key] = _time_pointwise_paths(
+            weight, x, train)
+    return choice
+
+
+def _time_pointwise_paths(weight, x, train, rounds=3):
+    """The faster path on detached copies of ``weight`` and ``x`` (medians
+    of ``rounds`` alternating runs after one warm-up each)."""
+    weight = weight.detach().reshape(weight.shape[0], -1, 1, 1)
+    x = x.detach()
+    if train:
+        weight = weight.clone().requires_grad_()
+        x = x.clone().requires_grad_()
+    paths = dict(gemm=pointwise_product,
+                 conv=lambda w, t: F.conv2d(t, w))
+    grad = None
+
+    def run(path):
+        nonlocal grad
+        with torch.set_grad_enabled(train):
+            out = paths[path](weight, x)
+            if train:
+                if grad is None:
+                    grad = torch.ones_like(out)
+                torch.autograd.grad(out, (weight, x), grad)
+
+    times = {path: [] for path in paths}
+    # Saved tensors as they are: the outer hooks of activation
+    # checkpointing (which recomputes the forward without this timing) or
+    # of a memory measurement must not see the timing's graphs.
+    with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        for round_ in range(rounds + 1):
+            for path in paths:
+                start = time.perf_counter()
+                run(path)
+                if round_:  # the first round warms up
+                    times[path].append(time.perf_counter() - start)
+    return min(paths, key=lambda path: statistics.median(times[path]))
+
+
+def _same(tensor):
+    return tensor
 
 
 def gemm_applies(x):
