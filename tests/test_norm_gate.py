@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmengine.registry import MODELS
 
-from tail_checks import (assert_as_close_as_plain, backbone_step,
+from tail_checks import (assert_as_close_as_plain,
+                         assert_fused_backbone_matches_plain,
+                         assert_plain_where_fused_tail_does_not_apply,
+                         backbone_step, count_calls, gated_backbone,
                          random_norm, tail_results)
 
 from mmctx.models import GatherExcite, norm_gate
-from mmctx.models.utils import size_generic
 
 VARIANTS = ('parameter_free', 'depthwise', 'depthwise_excite')
 
@@ -135,28 +136,12 @@ def test_fused_tail_supports_double_backward(variant):
 
 
 def ge_backbone(variant='parameter_free', **kwargs):
-    torch.manual_seed(0)
-    net = MODELS.build(dict(dict(type='GEResNet', depth=14,
-                                 ge=dict(variant=variant),
-                                 reference_input_size=32, norm_eval=False),
-                            **kwargs))
-    net.init_weights()
-    with torch.no_grad():  # real weights: bn3 and the gates start at zero
-        for name, p in net.named_parameters():
-            if 'bn' in name or 'norm' in name:
-                p.uniform_(0.5, 1.5) if name.endswith('weight') else \
-                    p.uniform_(-0.2, 0.2)
-            elif 'gather_excite' in name:
-                p.normal_(0, 0.02)
-    return net.double()
+    return gated_backbone('gather_excite', 0.02, type='GEResNet',
+                          ge=dict(variant=variant), **kwargs)
 
 
 def count_fused_calls(monkeypatch):
-    calls = []
-    fused_tail = norm_gate.norm_gate_add_relu
-    monkeypatch.setattr(norm_gate, 'norm_gate_add_relu',
-                        lambda *args: calls.append(1) or fused_tail(*args))
-    return calls
+    return count_calls(monkeypatch, norm_gate, 'norm_gate_add_relu')
 
 
 @pytest.mark.parametrize('variant, kwargs', [
@@ -172,24 +157,8 @@ def test_ge_resnet_training_takes_the_fused_tail(variant, kwargs,
     and BN statistics, at the reference size and another one (GE-θ / θ⁺:
     their kernels' resampling adjoint)."""
     net = ge_backbone(variant, **kwargs).train()
-    state = copy.deepcopy(net.state_dict())
-    applies = norm_gate.applies
-    for size in (32, 40):
-        x = torch.randn(2, 3, size, size, dtype=torch.float64)
-        results = []
-        for fused in (True, False):
-            net.load_state_dict(state)
-            calls = count_fused_calls(monkeypatch)
-            monkeypatch.setattr(norm_gate, 'applies', applies if fused else
-                                lambda *args: False)
-            results.append(backbone_step(net, x))
-            monkeypatch.undo()
-            # with_cp runs each block's forward again in the backward
-            assert len(calls) == (4 * (1 + bool(kwargs)) if fused else 0)
-        # float64; the fused variance is E[z²] - E[z]², which loses digits
-        # of float64 maps (not of float32 ones, summed in float64)
-        for a, b in zip(*results):
-            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+    assert_fused_backbone_matches_plain(net, norm_gate, 'norm_gate_add_relu',
+                                        bool(kwargs), monkeypatch)
 
 
 def test_fused_tail_is_left_where_it_does_not_apply(monkeypatch):
@@ -197,39 +166,13 @@ def test_fused_tail_is_left_where_it_does_not_apply(monkeypatch):
     hooks on bn3, ReLU or the gate, another norm type, a channels-last map,
     another plugin after the gate or a windowed gate: the plain ops."""
     calls = count_fused_calls(monkeypatch)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-
-    def run(net, x=x):
-        calls.clear()
-        backbone_step(net, x)
-        return len(calls)
-
-    assert run(ge_backbone().train()) == 4
-    assert run(ge_backbone(norm_eval=True).train()) == 0
-    net = ge_backbone().train()
-    net.layer1[0].bn3.register_forward_hook(lambda *args: None)
-    net.layer2[0].relu.register_forward_hook(lambda *args: None)
-    net.layer3[0].gather_excite.register_forward_pre_hook(lambda *args: None)
-    assert run(net) == 1
-    assert run(ge_backbone().train(), torch.randn(
-        2, 3, 64, 64, dtype=torch.float64).to(
-            memory_format=torch.channels_last)) == 0  # channels-last maps
-    with size_generic():
-        assert run(ge_backbone().train()) == 0
-    net = ge_backbone(plugins=[dict(
-        cfg=dict(type='ContextBlock', ratio=1. / 4), position='after_conv3',
-        stages=(True, False, False, False))]).train()
-    assert run(net) == 3
-    net = ge_backbone(norm_cfg=dict(type='GN', num_groups=4)).train()
-    assert run(net) == 0
+    run = assert_plain_where_fused_tail_does_not_apply(
+        ge_backbone, 'gather_excite', calls)
     net = ge_backbone('depthwise').train()
     net.layer1[0].gather_excite.extent = 2  # a windowed gate
     net.layer1[0].gather_excite.gather = nn.ModuleList(
         [nn.Conv2d(256, 256, 3, 2, 1, groups=256)]).double()
     assert run(net) == 3
-    net = ge_backbone().float().train()
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert run(net, x.float()) == 0
 
     norm = random_norm(3, torch.float32)
     gate = random_gate(3, 'depthwise', (4, 4), torch.float32)

@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmengine.registry import MODELS
-from tail_checks import (assert_as_close_as_plain, backbone_step,
-                         random_norm, tail_results)
+from tail_checks import (assert_as_close_as_plain,
+                         assert_fused_backbone_matches_plain,
+                         assert_plain_where_fused_tail_does_not_apply,
+                         count_calls, gated_backbone, random_norm,
+                         tail_results)
 
 from mmctx.models import PatchSpatialInteraction, norm_pixel_gate
-from mmctx.models.utils import size_generic
 
 
 def plain_tail(z, identity, norm, psi):
@@ -124,28 +125,13 @@ def test_fused_tail_supports_double_backward(shape, feature_size):
 
 
 def psi_backbone(**kwargs):
-    torch.manual_seed(0)
-    net = MODELS.build(dict(dict(type='PSIResNet', depth=14,
-                                 psi=dict(grid_size=4),
-                                 reference_input_size=32, norm_eval=False),
-                            **kwargs))
-    net.init_weights()
-    with torch.no_grad():  # real weights: bn3 and the gates start at zero
-        for name, p in net.named_parameters():
-            if 'bn' in name or 'norm' in name:
-                p.uniform_(0.5, 1.5) if name.endswith('weight') else \
-                    p.uniform_(-0.2, 0.2)
-            elif 'patch_spatial_interaction' in name:
-                p.normal_(0, 0.1)
-    return net.double()
+    return gated_backbone('patch_spatial_interaction', 0.1,
+                          type='PSIResNet', psi=dict(grid_size=4), **kwargs)
 
 
 def count_fused_calls(monkeypatch):
-    calls = []
-    fused = norm_pixel_gate.norm_pixel_gate_add_relu
-    monkeypatch.setattr(norm_pixel_gate, 'norm_pixel_gate_add_relu',
-                        lambda *args: calls.append(1) or fused(*args))
-    return calls
+    return count_calls(monkeypatch, norm_pixel_gate,
+                       'norm_pixel_gate_add_relu')
 
 
 @pytest.mark.parametrize('kwargs', [dict(), dict(with_cp=True)])
@@ -158,24 +144,9 @@ def test_psi_resnet_training_takes_the_fused_tail(kwargs, monkeypatch):
     names = [name for name, _ in net.named_modules()
              if name.endswith('patch_spatial_interaction')]
     assert len(names) == 4
-    state = copy.deepcopy(net.state_dict())
-    applies = norm_pixel_gate.applies
-    for size in (32, 40):
-        x = torch.randn(2, 3, size, size, dtype=torch.float64)
-        results = []
-        for fused in (True, False):
-            net.load_state_dict(state)
-            calls = count_fused_calls(monkeypatch)
-            monkeypatch.setattr(norm_pixel_gate, 'applies',
-                                applies if fused else lambda *args: False)
-            results.append(backbone_step(net, x))
-            monkeypatch.undo()
-            # with_cp runs each block's forward again in the backward
-            assert len(calls) == (4 * (1 + bool(kwargs)) if fused else 0)
-        # float64; the fused variance is E[z²] - E[z]², which loses digits
-        # of float64 maps (not of float32 ones, summed in float64)
-        for a, b in zip(*results):
-            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+    assert_fused_backbone_matches_plain(net, norm_pixel_gate,
+                                        'norm_pixel_gate_add_relu',
+                                        bool(kwargs), monkeypatch)
 
 
 def test_fused_tail_is_left_where_it_does_not_apply(monkeypatch):
@@ -183,40 +154,13 @@ def test_fused_tail_is_left_where_it_does_not_apply(monkeypatch):
     hooks on bn3, ReLU or the gate, another norm type, a channels-last map
     or another plugin after the gate: the plain ops."""
     calls = count_fused_calls(monkeypatch)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-
-    def run(net, x=x):
-        calls.clear()
-        backbone_step(net, x)
-        return len(calls)
-
-    assert run(psi_backbone().train()) == 4
-    assert run(psi_backbone(norm_eval=True).train()) == 0
+    assert_plain_where_fused_tail_does_not_apply(
+        psi_backbone, 'patch_spatial_interaction', calls)
     with torch.no_grad():
         net = psi_backbone().train()
-        net(x)
+        calls.clear()
+        net(torch.randn(2, 3, 32, 32, dtype=torch.float64))
         assert len(calls) == 4  # no_grad training: BN still updates
-    net = psi_backbone().train()
-    net.layer1[0].bn3.register_forward_hook(lambda *args: None)
-    net.layer2[0].relu.register_forward_hook(lambda *args: None)
-    net.layer3[0].patch_spatial_interaction.register_forward_pre_hook(
-        lambda *args: None)
-    assert run(net) == 1
-    # 64 pixels: layer4's map is 2x2 (a 1x1 map is contiguous either way)
-    assert run(psi_backbone().train(), torch.randn(
-        2, 3, 64, 64, dtype=torch.float64).to(
-            memory_format=torch.channels_last)) == 0
-    with size_generic():
-        assert run(psi_backbone().train()) == 0
-    net = psi_backbone(plugins=[dict(
-        cfg=dict(type='ContextBlock', ratio=1. / 4), position='after_conv3',
-        stages=(True, False, False, False))]).train()
-    assert run(net) == 3
-    assert run(psi_backbone(norm_cfg=dict(type='GN', num_groups=4))
-               .train()) == 0
-    net = psi_backbone().float().train()
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert run(net, x.float()) == 0
 
     norm = random_norm(3, torch.float32)
     psi = random_psi(3, (4, 4), 2, torch.float32)

@@ -277,27 +277,38 @@ def update_running_statistics(running_mean, running_var, mean, var, count,
             (var * (count / (count - 1))).to(running_var.dtype), factor)
 
 
-def applies(norm, z, identity, gate_module):
-    """Whether :func:`norm_gate_add_relu` takes the fused path: ``norm`` a
-    training-mode ``nn.BatchNorm2d``, ``gate_module`` a global
-    :class:`~mmctx.models.GatherExcite`, contiguous float CPU maps, eager
-    code."""
-    if not (type(norm) is nn.BatchNorm2d and norm.training and norm.affine
+def tail_maps_apply(norm, z, identity, gate_module):
+    """Whether a fused block tail may run on these maps: ``norm`` a
+    training-mode, affine, unhooked ``nn.BatchNorm2d`` of ``z``'s dtype,
+    ``z`` and ``identity`` contiguous float CPU maps of one shape with more
+    than one value per channel, an unhooked gate, eager code without
+    autocast (shared by this module's tail and
+    :mod:`mmctx.models.norm_pixel_gate`'s; each also needs its loops
+    compiled)."""
+    return (type(norm) is nn.BatchNorm2d and norm.training and norm.affine
             and not hooked(norm) and z.dim() == 4
             and z.device.type == 'cpu' and z.is_contiguous()
             and z.dtype in (torch.float32, torch.float64)
             and identity.shape == z.shape and identity.dtype == z.dtype
             and identity.is_contiguous() and norm.weight.dtype == z.dtype
             and z.shape[0] * z.shape[2] * z.shape[3] > 1
-            and getattr(gate_module, 'extent', None) == 'global'
             and not hooked(gate_module)
             and not torch.is_autocast_enabled('cpu')
-            and not size_generic_path(z) and not torch.jit.is_tracing()):
+            and not size_generic_path(z) and not torch.jit.is_tracing())
+
+
+def applies(norm, z, identity, gate_module):
+    """Whether :func:`norm_gate_add_relu` takes the fused path: ``norm`` a
+    training-mode ``nn.BatchNorm2d``, ``gate_module`` a global
+    :class:`~mmctx.models.GatherExcite`, contiguous float CPU maps, eager
+    code (:func:`tail_maps_apply`)."""
+    if getattr(gate_module, 'extent', None) != 'global':
         return False
     if gate_module.variant != 'parameter_free' \
             and gate_module.gather.weight.dtype != z.dtype:
         return False
-    return kernels() is not None
+    return tail_maps_apply(norm, z, identity, gate_module) \
+        and kernels() is not None
 
 
 def norm_gate_add_relu(z, identity, norm, gate_module):

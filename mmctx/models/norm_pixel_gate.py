@@ -25,11 +25,11 @@ float rounding, and so do the running statistics and second derivatives
 (``tests/test_norm_pixel_gate.py``). Without a compiler the plain ops run.
 """
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from .norm_gate import kernels, running_statistics, update_running_statistics
-from .utils import hooked, pointwise_path, size_generic_path
+from .norm_gate import (kernels, running_statistics, tail_maps_apply,
+                        update_running_statistics)
+from .utils import pointwise_path
 
 
 def _keep(tensor):
@@ -160,19 +160,9 @@ class _NormPixelGateAddReLU(torch.autograd.Function):
 def applies(norm, z, identity, psi):
     """Whether :func:`norm_pixel_gate_add_relu` takes the fused path:
     ``norm`` a training-mode ``nn.BatchNorm2d``, contiguous float CPU maps,
-    eager code."""
-    if not (type(norm) is nn.BatchNorm2d and norm.training and norm.affine
-            and not hooked(norm) and z.dim() == 4
-            and z.device.type == 'cpu' and z.is_contiguous()
-            and z.dtype in (torch.float32, torch.float64)
-            and identity.shape == z.shape and identity.dtype == z.dtype
-            and identity.is_contiguous() and norm.weight.dtype == z.dtype
-            and psi.squeeze.weight.dtype == z.dtype
-            and z.shape[0] * z.shape[2] * z.shape[3] > 1
-            and not hooked(psi) and not torch.is_autocast_enabled('cpu')
-            and not size_generic_path(z) and not torch.jit.is_tracing()):
-        return False
-    return kernels() is not None
+    eager code (:func:`mmctx.models.norm_gate.tail_maps_apply`)."""
+    return psi.squeeze.weight.dtype == z.dtype and tail_maps_apply(
+        norm, z, identity, psi) and kernels() is not None
 
 
 def norm_pixel_gate_add_relu(z, identity, norm, psi):
