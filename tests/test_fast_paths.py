@@ -15,7 +15,8 @@ from mmctx.models.gating import (channel_dot, channel_gate, channel_gate_add,
                                  channel_scale_shift, global_mean_gate,
                                  pixel_gate_add)
 from mmctx.models.utils import (PointwiseConv2d, adaptive_avg_pool2d_banded,
-                                pointwise_product, size_generic)
+                                few_maps_product, pointwise_product,
+                                size_generic)
 
 
 def grads(fn, *inputs):
@@ -210,6 +211,7 @@ def test_fast_paths_support_double_backward():
         (global_mean_gate, (x, identity)),
         (lambda t: adaptive_avg_pool2d_banded(t, (3, 3)), (leaf(2, 3, 7, 8), )),
         (pointwise_product, (leaf(4, 3, 1, 1), x)),
+        (few_maps_product, (leaf(4, 3, 1, 1), x)),
     ]
     # The modules whole (their own fast paths inside, e.g. PSI's squeeze).
     modules = [GatherExcite(4, variant=variant, feature_size=3, reduction=2)
@@ -225,7 +227,7 @@ def test_fast_paths_support_double_backward():
         if hasattr(module, 'forward_residual'):
             checks.append((module.forward_residual, (x, identity)))
         checks.append((module, (x, )))
-    for fn, inputs in checks[:8]:  # the functions take their fast paths
+    for fn, inputs in checks[:9]:  # the functions take their fast paths
         assert fn(*inputs).grad_fn.name() not in ('MulBackward0',
                                                   'AddcmulBackward0')
     for fn, inputs in checks:
@@ -373,12 +375,12 @@ def test_spatial_bias_squeeze_as_matmul_equals_conv(fusion):
 
 
 @pytest.mark.parametrize('batch', [1, 3])
-@pytest.mark.parametrize('path', ['gemm', 'conv'])
+@pytest.mark.parametrize('path', ['gemm', 'conv', 'loops'])
 def test_pointwise_conv_gemm_matches_conv(batch, path, monkeypatch):
-    """PointwiseConv2d's GEMM gives the conv's output and gradients (input,
-    weight, bias), in training and in inference; so does the bare
-    pointwise_product (PSI's squeeze). ``MMCTX_POINTWISE`` picks the
-    path."""
+    """PointwiseConv2d's GEMM and loops give the conv's output and
+    gradients (input, weight, bias), in training and in inference; so do
+    the bare pointwise_product and few_maps_product (PSI's squeeze).
+    ``MMCTX_POINTWISE`` picks the path."""
     monkeypatch.setenv('MMCTX_POINTWISE', path)
     torch.manual_seed(0)
     x = torch.randn(batch, 8, 5, 4)
@@ -387,15 +389,18 @@ def test_pointwise_conv_gemm_matches_conv(batch, path, monkeypatch):
         fused = module_grads(conv, x)
         ran = conv(x.double().requires_grad_()).grad_fn.name()
         assert (ran == 'ConvolutionBackward0') == (path == 'conv')
+        if not bias:
+            assert (ran == '_FewMapsProductBackward') == (path == 'loops')
         plain = torch.nn.Conv2d(8, 3, 1, bias=bias)
         plain.load_state_dict(conv.state_dict())
         assert_same(fused, module_grads(plain, x), torch.float64)
         with torch.no_grad():
             torch.testing.assert_close(conv(x.double()), fused[0])
     weight = torch.randn(3, 8, 1, 1, dtype=torch.float64)
-    assert_same(grads(pointwise_product, weight, x.double()),
-                grads(lambda w, t: F.conv2d(t, w), weight, x.double()),
-                torch.float64)
+    for product in (pointwise_product, few_maps_product):
+        assert_same(grads(product, weight, x.double()),
+                     grads(lambda w, t: F.conv2d(t, w), weight, x.double()),
+                     torch.float64)
 
 
 def test_pointwise_path_times_each_kind_of_product_once(monkeypatch):
@@ -418,7 +423,7 @@ def test_pointwise_path_times_each_kind_of_product_once(monkeypatch):
     for shape in [(2, 8, 5, 4), (2, 8, 4, 5), (2, 8, 6, 4), (1, 8, 5, 4),
                   (2, 8, 9, 9)]:
         assert utils.pointwise_path(weight, torch.randn(shape)) in (
-            'gemm', 'conv')
+            'gemm', 'conv', 'loops')
         with torch.no_grad():
             utils.pointwise_path(weight, torch.randn(shape))
     # 40 and 48 pixels share a kind; batch 1 and 162 pixels are new ones
@@ -434,14 +439,22 @@ def test_pointwise_path_times_each_kind_of_product_once(monkeypatch):
         return run
 
     x = torch.randn(2, 8, 7, 7, requires_grad=True)
+    products = dict(gemm='pointwise_product', loops='few_maps_product')
     for train in (True, False):
-        with monkeypatch.context() as patch:
-            patch.setattr(utils, 'pointwise_product',
-                          slow(utils.pointwise_product))
-            assert utils._time_pointwise_paths(weight, x, train) == 'conv'
-        with monkeypatch.context() as patch:
-            patch.setattr(utils.F, 'conv2d', slow(F.conv2d))
-            assert utils._time_pointwise_paths(weight, x, train) == 'gemm'
+        for fast in ('gemm', 'conv', 'loops'):
+            with monkeypatch.context() as patch:
+                for path, name in products.items():
+                    if path != fast:
+                        patch.setattr(utils, name, slow(getattr(utils, name)))
+                if fast != 'conv':
+                    patch.setattr(utils.F, 'conv2d', slow(F.conv2d))
+                assert utils._time_pointwise_paths(weight, x, train) == fast
+    # the loops are a candidate for at most FEW_MAPS output maps
+    with monkeypatch.context() as patch:
+        patch.setattr(utils, 'pointwise_product',
+                      slow(utils.pointwise_product))
+        patch.setattr(utils, 'FEW_MAPS', 2)
+        assert utils._time_pointwise_paths(weight, x, False) == 'conv'
     # first timed inside activation checkpointing, whose hooks must not
     # see the timing's graphs (the recomputation skips the timing)
     import torch.utils.checkpoint as cp
@@ -451,12 +464,15 @@ def test_pointwise_path_times_each_kind_of_product_once(monkeypatch):
                   use_reentrant=False).sum().backward()
     assert len(utils._pointwise_choices) == 1
     assert x.grad is not None
-    for path in ('gemm', 'conv'):
+    for path in ('gemm', 'conv', 'loops'):
         monkeypatch.setenv('MMCTX_POINTWISE', path)
         assert utils.pointwise_path(weight, x) == path
+    # where the loops do not apply (more output maps), the GEMM
+    assert utils.pointwise_path(torch.randn(17, 8, 1, 1), x) == 'gemm'
     monkeypatch.setenv('MMCTX_POINTWISE', 'blas')
     with pytest.raises(ValueError, match=r"MMCTX_POINTWISE must be one "
-                       r"of \('auto', 'gemm', 'conv'\), got 'blas'"):
+                       r"of \('auto', 'gemm', 'conv', 'loops'\), got "
+                       r"'blas'"):
         utils.pointwise_path(weight, x)
 
 
@@ -516,6 +532,82 @@ def test_ge_resnet_inference_folds_norm3_exactly(variant):
         assert not any(calls)
         for f, p in zip(folded, plain):
             torch.testing.assert_close(f, p.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_sb_resnet_inference_skips_the_concatenation_exactly():
+    """SB-ResNet inference runs conv3 on conv2's channels and adds the bias
+    maps' rank-k term with bn3 folded in (SBBottleneck.forward_inference):
+    the output equals the upstream forward's, with real weights and BN
+    statistics, at two sizes and batch 1; training, autograd, autocast,
+    channels_last maps, fusion='add' and hooks on the bypassed layers take
+    the upstream forward."""
+    from mmctx.models import SBResNet
+    from mmctx.models.backbones.sb_resnet import SBBottleneck
+    torch.manual_seed(0)
+    net = SBResNet(depth=50, stage_with_sb=(True, True), base_channels=16,
+                   num_stages=2, out_indices=(0, 1),
+                   strides=(1, 2), dilations=(1, 1))
+    net.init_weights()
+    _randomise_backbone(net)
+    net.eval()
+    folded = []
+    real = SBBottleneck.forward_inference
+
+    def counted(block, x):
+        folded.append(block)
+        return real(block, x)
+
+    def outputs(x):
+        with torch.no_grad():
+            return net(x)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SBBottleneck, 'forward_inference', counted)
+        for shape in [(2, 3, 64, 48), (1, 3, 40, 72)]:
+            x = torch.randn(shape)
+            folded.clear()
+            fast = outputs(x)
+            assert len(folded) == 7  # every SB block
+            folded.clear()
+            plain = net(x)  # autograd records: the upstream forward
+            assert not folded
+            for f, r in zip(fast, plain):
+                torch.testing.assert_close(f, r.detach(), rtol=1e-5,
+                                           atol=1e-5)
+        x = torch.randn(2, 3, 64, 48)
+        reference = outputs(x)
+        block = net.layer1[1]
+        for case in ('channels_last', 'autocast', 'hook', 'train'):
+            folded.clear()
+            if case == 'channels_last':
+                out = outputs(x.contiguous(memory_format=torch.channels_last))
+            elif case == 'autocast':
+                with torch.autocast('cpu', dtype=torch.bfloat16):
+                    out = outputs(x)
+            elif case == 'hook':
+                handle = block.norm2.register_forward_hook(
+                    lambda m, i, o: None)
+                out = outputs(x)
+                handle.remove()
+            else:
+                net.train()
+                out = outputs(x)
+                net.eval()
+            if case == 'hook':  # only the hooked block runs upstream's
+                assert len(folded) == 6 and block not in folded, case
+            else:
+                assert not folded, case
+            if case in ('channels_last', 'hook'):
+                for f, r in zip(out, reference):
+                    torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+        add = SBResNet(depth=50, sb=dict(fusion='add'), base_channels=16,
+                       stage_with_sb=(True, ), num_stages=1, out_indices=(0, ),
+                       strides=(1, ), dilations=(1, ))
+        add.eval()
+        folded.clear()
+        with torch.no_grad():
+            add(x)
+        assert not folded
 
 
 def backbone_grads(net, x):

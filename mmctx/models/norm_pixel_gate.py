@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .norm_gate import (kernels, running_statistics, tail_maps_apply,
                         update_running_statistics)
-from .utils import pointwise_path
+from .utils import pointwise_conv
 
 
 def _keep(tensor):
@@ -38,17 +38,10 @@ def _keep(tensor):
 
 def _offset_products(weight, z):
     """(K, C) weights, (B, C, H, W) map -> (B, K, H * W): per image, the
-    weights times the map's (C, H * W) matrix (a GEMM, or oneDNN's 1x1
-    conv where that is faster here: :func:`~mmctx.models.utils.
-    pointwise_path`)."""
-    batch, channels = z.shape[:2]
-    if pointwise_path(weight[:, :, None, None], z) == 'conv':
-        return F.conv2d(z, weight[:, :, None, None]).view(
-            batch, weight.shape[0], -1)
-    maps = z.view(batch, channels, -1)
-    if batch == 1:
-        return torch.mm(weight, maps[0])[None]
-    return torch.bmm(weight.expand(batch, -1, -1), maps)
+    weights times the map's (C, H * W) matrix, by the fastest 1x1 conv here
+    (:func:`~mmctx.models.utils.pointwise_conv`)."""
+    return pointwise_conv(weight[:, :, None, None], z).view(
+        z.shape[0], weight.shape[0], -1)
 
 
 class _NormPixelGateAddReLU(torch.autograd.Function):

@@ -9,9 +9,8 @@ from mmengine.registry import MODELS
 from . import norm_pixel_gate
 from .gating import pixel_gate_add
 from .utils import (check_init_cfg, check_positive_int, check_real,
-                    check_size, gemm_applies, pointwise_path,
-                    pointwise_product,
-                    resample_to, size_generic_path)
+                    check_size, pointwise_conv, resample_to,
+                    size_generic_path)
 
 
 @MODELS.register_module()
@@ -110,14 +109,10 @@ class PatchSpatialInteraction(BaseModule):
             # the map's area (> 1, a memory-format check); a weighted
             # channel sum computes the same map without it.
             maps = (x * weight.view(1, -1, 1, 1)).sum(1, keepdim=True)
-        elif gemm_applies(x) and pointwise_path(weight, x) == 'gemm':
-            # The same 1x1 conv as one GEMM per image, where faster here:
-            # it reads the NCHW map as it is, where oneDNN's conv first
-            # copies it to a blocked layout (a full pass, for an output of
-            # a few maps).
-            maps = pointwise_product(weight, x)
         else:
-            maps = F.conv2d(x, weight)
+            # The fastest 1x1 conv here for so few output maps (oneDNN's
+            # conv first copies the NCHW map to a blocked layout)
+            maps = pointwise_conv(weight, x)
         return self.patches_of_offset_maps(maps)
 
     @property

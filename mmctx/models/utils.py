@@ -386,34 +386,41 @@ class PointwiseConv2d(torch.nn.Conv2d):
     def forward(self, x):
         if self.kernel_size != (1, 1) or self.stride != (1, 1) \
                 or self.padding not in ((0, 0), 'valid') or self.groups != 1 \
-                or not gemm_applies(x) \
-                or pointwise_path(self.weight, x) != 'gemm':
+                or not gemm_applies(x):
             return super().forward(x)
-        out = pointwise_product(self.weight, x)
+        path = pointwise_path(self.weight, x)
+        if path == 'conv':
+            return super().forward(x)
+        out = _pointwise_products()[path](self.weight, x)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
 
 
-POINTWISE_PATHS = ('auto', 'gemm', 'conv')
+POINTWISE_PATHS = ('auto', 'gemm', 'conv', 'loops')
 # (out, in, batched, log2 of the pixel count, training, dtype, threads)
-# -> 'gemm' / 'conv', timed once per process
+# -> 'gemm' / 'conv' / 'loops', timed once per process
 _pointwise_choices = {}
+# Output maps up to which the loops (few_maps_product) are a candidate
+FEW_MAPS = 16
 
 
 def pointwise_path(weight, x):
-    """``'gemm'`` or ``'conv'``: which computes the 1x1 conv of ``weight``
-    (O, C, 1, 1) on ``x`` faster here, :func:`pointwise_product` or
-    ``F.conv2d``; call only where :func:`gemm_applies`.
+    """``'gemm'``, ``'conv'`` or ``'loops'``: which computes the 1x1 conv
+    of ``weight`` (O, C, 1, 1) on ``x`` fastest here,
+    :func:`pointwise_product`, ``F.conv2d`` or, for at most ``FEW_MAPS``
+    output maps, :func:`few_maps_product`; call only where
+    :func:`gemm_applies`.
 
-    ``MMCTX_POINTWISE`` (``auto`` by default, ``gemm`` or ``conv``) fixes
-    the answer. With ``auto`` the first call for a kind of product times
-    both, alternating (forward, and where autograd records, forward +
-    backward), and keeps the faster for the process, like
+    ``MMCTX_POINTWISE`` (``auto`` by default, ``gemm``, ``conv`` or
+    ``loops``) fixes the answer (``loops`` where they apply, else
+    ``gemm``). With ``auto`` the first call for a kind of product times
+    the candidates, alternating (forward, and where autograd records,
+    forward + backward), and keeps the fastest for the process, like
     ``torch.backends.cudnn.benchmark``. A kind is the weight's shape,
     whether the batch is 1, the pixel count rounded to a power of two (so
     the varying input sizes of detection training time a few kinds, not
-    every size), training or not, the dtype and the thread count. Both
+    every size), training or not, the dtype and the thread count. All
     paths compute the same product up to float rounding.
     """
     mode = os.environ.get('MMCTX_POINTWISE', 'auto')
@@ -421,6 +428,8 @@ def pointwise_path(weight, x):
         if mode not in POINTWISE_PATHS:
             raise ValueError(f'MMCTX_POINTWISE must be one of '
                              f'{POINTWISE_PATHS}, got {mode!r}')
+        if mode == 'loops' and not few_maps_applies(weight, x):
+            return 'gemm'
         return mode
     batch, _, height, width = x.shape
     train = torch.is_grad_enabled() and (x.requires_grad
@@ -435,16 +444,32 @@ def pointwise_path(weight, x):
     return choice
 
 
+def pointwise_conv(weight, x):
+    """``F.conv2d(x, weight)`` for a (O, C, 1, 1) ``weight``, by the
+    fastest path here (:func:`pointwise_path`) where
+    :func:`gemm_applies`."""
+    if not gemm_applies(x):
+        return F.conv2d(x, weight)
+    return _pointwise_products()[pointwise_path(weight, x)](weight, x)
+
+
+def _pointwise_products():
+    # looked up at each call: tests replace the functions to time them
+    return dict(gemm=pointwise_product, conv=lambda w, t: F.conv2d(t, w),
+                loops=few_maps_product)
+
+
 def _time_pointwise_paths(weight, x, train, rounds=3):
-    """The faster path on detached copies of ``weight`` and ``x`` (medians
+    """The fastest path on detached copies of ``weight`` and ``x`` (medians
     of ``rounds`` alternating runs after one warm-up each)."""
     weight = weight.detach().reshape(weight.shape[0], -1, 1, 1)
     x = x.detach()
     if train:
         weight = weight.clone().requires_grad_()
         x = x.clone().requires_grad_()
-    paths = dict(gemm=pointwise_product,
-                 conv=lambda w, t: F.conv2d(t, w))
+    paths = _pointwise_products()
+    if not few_maps_applies(weight, x):
+        del paths['loops']
     grad = None
 
     def run(path):
@@ -521,6 +546,55 @@ def pointwise_product(weight, x):
     fold the batch into the rows and return a transposed result whose copy
     to NCHW costs more than the product.)"""
     return _PointwiseProduct.apply(weight, x)
+
+
+def few_maps_applies(weight, x):
+    """Whether :func:`few_maps_product` may compute the 1x1 conv of
+    ``weight`` on ``x`` (besides :func:`gemm_applies`): at most
+    ``FEW_MAPS`` output maps, float32 / float64, and the compiled loops
+    (:func:`mmctx.models.norm_gate.kernels`)."""
+    from .norm_gate import kernels  # norm_gate imports this module
+    return weight.shape[0] <= FEW_MAPS and x.dtype == weight.dtype \
+        and x.dtype in (torch.float32, torch.float64) \
+        and kernels() is not None
+
+
+class _FewMapsProduct(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, weight, x):
+        ctx.save_for_backward(weight, x)
+        from .norm_gate import kernels
+        return kernels().few_maps_product(
+            weight.reshape(weight.shape[0], -1).contiguous(), x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            # second derivatives: the GEMMs' backward, made of autograd ops
+            return _PointwiseProduct.backward(ctx, grad)
+        from .norm_gate import kernels
+        weight, x = ctx.saved_tensors
+        grad_weight, grad_x = kernels().few_maps_product_backward(
+            weight.reshape(weight.shape[0], -1).contiguous(), x,
+            grad.contiguous(), ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1])
+        if grad_weight is not None:
+            grad_weight = grad_weight.view_as(weight)
+        return grad_weight, grad_x
+
+
+def few_maps_product(weight, x):
+    """:func:`pointwise_product` for a few output maps (Spatial Bias's and
+    PSI's squeezes), as C++ loops (``csrc/norm_gate.cpp``) that read the
+    map once per image and chunk of pixels, the chunk's output rows in
+    cache; call where :func:`few_maps_applies`. MKL's GEMM packs the map
+    first for so few output rows, and oneDNN's conv reorders it: 2-6x
+    slower at Spatial Bias's 5 maps on an AMD EPYC. The backward reads the
+    map and the gradient once for both gradients. Equal to the conv up to
+    float rounding, second derivatives included (autograd's, through the
+    GEMMs)."""
+    return _FewMapsProduct.apply(weight, x)
 
 
 def build_pointwise_conv(conv_cfg, in_channels, out_channels, bias):

@@ -1,16 +1,20 @@
 """SB-ResNet: ResNet whose bottlenecks concatenate Spatial Bias maps to
 conv2's output (Go & Ryu, https://arxiv.org/abs/2302.12505)."""
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..spatial_bias import SpatialBias
-from ..utils import (build_pointwise_conv, check_choice, check_int,
-                     check_positive_int, check_stage_flags)
+from ..utils import (PointwiseConv2d, build_pointwise_conv, check_choice,
+                     check_int, check_positive_int, check_stage_flags,
+                     hooked, pointwise_conv, size_generic_path)
 from .context_resnet import ContextResNet, check_plugin_cfg, check_plugins
-from .pretrained_slices import (editable_pretrained_slices,
-                                split_pretrained_slices)
+from .pretrained_slices import (compose, editable_pretrained_slices,
+                                only_composes, split_pretrained_slices)
 
 
 class SBBottleneck(Bottleneck):
@@ -24,6 +28,16 @@ class SBBottleneck(Bottleneck):
     conv3's extra input channels zero-padded, so the block starts as exactly
     the pretrained plain block; from scratch they are initialised like the
     rest of conv3 (see :meth:`init_weights`).
+
+    Inference (eval mode, no autograd, eval BatchNorms) never builds the
+    concatenation (:meth:`forward_inference`): bn2 and the ReLU act per
+    channel, so conv3 of the joined map is conv3's first ``planes`` inputs
+    on conv2's map plus a rank-``num_bias`` term from the bias maps; bn3 is
+    folded into conv3, and that term and bn3's shift are added to conv3's
+    output in place, one pass where the block had bn3's. conv3 then runs
+    at ResNet's width, and the copy of conv2's map into the joined one is
+    saved. Equal to the upstream forward up to float rounding
+    (``tests/test_fast_paths.py``).
 
     In a frozen stage of an mmctx backbone only the pretrained part of the
     widened bn2 and conv3 is frozen: their entries of the bias channels keep
@@ -68,6 +82,71 @@ class SBBottleneck(Bottleneck):
 
     def _join_spatial_bias(self, conv2, inputs, output):
         return self.spatial_bias(inputs[0], output)
+
+    def _inference_applies(self, x):
+        """Whether :meth:`forward_inference` may replace the upstream
+        forward: eager inference on a contiguous float map (no autograd,
+        autocast, tracing) through eval BatchNorms, a plain conv3 and no
+        plugins or hooks of others on the layers it bypasses."""
+        if self.training or torch.is_grad_enabled() or self.with_plugins \
+                or self.spatial_bias.fusion != 'concat' \
+                or not x.is_contiguous() or not x.is_floating_point() \
+                or torch.is_autocast_enabled(x.device.type) \
+                or size_generic_path(x) or torch.jit.is_tracing():
+            return False
+        norms = (self.norm2, self.norm3)
+        conv2_hooks = self.conv2._forward_hooks
+        # (a frozen stage's bn2 and conv3 compose their split tensors in a
+        # hook; forward_inference does that itself)
+        return (all(isinstance(norm, _BatchNorm) and not norm.training
+                    and norm.affine and norm.running_mean is not None
+                    and only_composes(norm) for norm in norms)
+                and type(self.conv3) in (nn.Conv2d, PointwiseConv2d)
+                and self.conv3.bias is None and self.conv3.groups == 1
+                and only_composes(self.conv3)
+                and not hooked(self.spatial_bias)
+                and not self.conv2._forward_pre_hooks
+                and len(conv2_hooks) == 1
+                and getattr(next(iter(conv2_hooks.values())), '__func__',
+                            None) is SBBottleneck._join_spatial_bias)
+
+    def forward(self, x):
+        if self._inference_applies(x):
+            return self.forward_inference(x)
+        return super().forward(x)
+
+    def forward_inference(self, x):
+        """The upstream forward in inference, without the concatenation
+        (see the class docstring); call where :meth:`_inference_applies`.
+        """
+        out = self.relu(self.norm1(self.conv1(x)))
+        main = self.conv2.forward(out)  # the forward without the join hook
+        bias = self.spatial_bias.spatial_bias(out, main.shape[-2:])
+        norm2, norm3, planes = self.norm2, self.norm3, self.planes
+        for layer in (norm2, self.conv3):
+            compose(layer)
+        main = F.batch_norm(main, norm2.running_mean[:planes],
+                            norm2.running_var[:planes], norm2.weight[:planes],
+                            norm2.bias[:planes], False, 0., norm2.eps)
+        main = self.relu(main)
+        scale2, shift2 = _affine(norm2)
+        bias = F.relu(torch.addcmul(shift2[planes:, None, None], bias,
+                                    scale2[planes:, None, None]))
+        # conv3 with bn3 folded in; the bias channels' weights and bn3's
+        # shift act on [bias maps, ones]
+        scale3, shift3 = _affine(norm3)
+        weight = self.conv3.weight.flatten(1) * scale3[:, None]
+        main_weight = weight[:, :planes, None, None].contiguous()
+        out = pointwise_conv(main_weight, main)
+        batch, channels, height, width = out.shape
+        rank = torch.cat([bias, bias.new_ones(batch, 1, height, width)], 1)
+        rank_weight = torch.cat([weight[:, planes:], shift3[:, None]], 1)
+        out.view(batch, channels, -1).baddbmm_(
+            rank_weight.expand(batch, -1, -1), rank.view(batch, -1,
+                                                         height * width))
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
 
     def init_weights(self):
         # From scratch, conv3's bias columns get the same (Kaiming) init as
@@ -116,6 +195,12 @@ class SBBottleneck(Bottleneck):
                 state_dict[key] = torch.cat(
                     [tensor, tensor.new_full(shape, value)], dim=dim)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _affine(norm):
+    """An eval BatchNorm as ``x * scale + shift`` per channel."""
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    return scale, norm.bias - norm.running_mean * scale
 
 
 @MODELS.register_module()

@@ -477,6 +477,151 @@ torch::Tensor combine_pixel_rows(torch::Tensor masked, torch::Tensor z,
   return result;
 }
 
+// A 1x1 conv with few output maps (Spatial Bias's and PSI's squeezes):
+// out[b, o, i] = sum_c weight[o, c] * x[b, c, i]. Per (image, chunk of
+// pixels) task the chunk's O output rows accumulate in cache while every
+// channel's row passes by once, so the map is read once; a GEMM with so few
+// output rows packs the map first, and oneDNN's conv reorders it.
+void check_few_maps(const torch::Tensor& weight, const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
+              "x must be a contiguous CPU (B, C, H, W) tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.device().is_cpu() &&
+                  weight.is_contiguous() &&
+                  weight.scalar_type() == x.scalar_type() &&
+                  weight.size(1) == x.size(1),
+              "weight must be a contiguous CPU (O, C) tensor for x");
+}
+
+torch::Tensor few_maps_product(torch::Tensor weight, torch::Tensor x) {
+  check_few_maps(weight, x);
+  const int64_t outs = weight.size(0), channels = x.size(1),
+                n = x.size(2) * x.size(3);
+  auto out = torch::empty({x.size(0), outs, x.size(2), x.size(3)},
+                          x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "few_maps_product", [&] {
+    const scalar_t *wp = weight.data_ptr<scalar_t>(),
+                   *xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for_pixel_chunks(x.size(0), n, [&](int64_t b, int64_t, int64_t i0,
+                                       int64_t i1) {
+      scalar_t* ob = op + b * outs * n;
+      for (int64_t o = 0; o < outs; ++o)
+        std::fill(ob + o * n + i0, ob + o * n + i1, scalar_t(0));
+      // Four channels per update of an output row: a quarter of the
+      // output loads and stores of one channel at a time.
+      const scalar_t* xb = xp + b * channels * n;
+      int64_t c = 0;
+      for (; c + 4 <= channels; c += 4) {
+        const scalar_t *x0 = xb + c * n, *x1 = x0 + n, *x2 = x1 + n,
+                       *x3 = x2 + n;
+        for (int64_t o = 0; o < outs; ++o) {
+          const scalar_t* w = wp + o * channels + c;
+          const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+          scalar_t* orow = ob + o * n;
+          _Pragma("omp simd")
+          for (int64_t i = i0; i < i1; ++i)
+            orow[i] += w0 * x0[i] + w1 * x1[i] + w2 * x2[i] + w3 * x3[i];
+        }
+      }
+      for (; c < channels; ++c) {
+        const scalar_t* xr = xb + c * n;
+        for (int64_t o = 0; o < outs; ++o) {
+          const scalar_t w = wp[o * channels + c];
+          scalar_t* orow = ob + o * n;
+          _Pragma("omp simd")
+          for (int64_t i = i0; i < i1; ++i) orow[i] += w * xr[i];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// few_maps_product's backward in one pass over x and grad: the gradient of
+// x (per channel, the O gradient rows weighted by the channel's weights)
+// and of the weight (per task, the chunk's dot products of the O gradient
+// rows with every channel's row, summed over tasks in double).
+std::vector<torch::Tensor> few_maps_product_backward(torch::Tensor weight,
+                                                     torch::Tensor x,
+                                                     torch::Tensor grad,
+                                                     bool need_weight,
+                                                     bool need_x) {
+  check_few_maps(weight, x);
+  const int64_t batch = x.size(0), outs = weight.size(0),
+                channels = x.size(1), n = x.size(2) * x.size(3);
+  TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() &&
+                  grad.scalar_type() == x.scalar_type() &&
+                  grad.numel() == batch * outs * n,
+              "grad must be a contiguous CPU (B, O, H, W) tensor");
+  const int64_t tasks = batch * ((n + kChunk - 1) / kChunk);
+  auto grad_x = need_x ? torch::empty_like(x) : torch::Tensor();
+  auto partial = need_weight
+      ? torch::zeros({tasks, outs, channels}, x.options().dtype(torch::kFloat64))
+      : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "few_maps_product_backward",
+                             [&] {
+    const scalar_t *wp = weight.data_ptr<scalar_t>(),
+                   *xp = x.data_ptr<scalar_t>(),
+                   *gp = grad.data_ptr<scalar_t>();
+    scalar_t* gxp = need_x ? grad_x.data_ptr<scalar_t>() : nullptr;
+    double* pp = need_weight ? partial.data_ptr<double>() : nullptr;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    for_pixel_chunks(batch, n, [&](int64_t b, int64_t chunk, int64_t i0,
+                                   int64_t i1) {
+      const scalar_t* gb = gp + b * outs * n;
+      double* task = need_weight ? pp + (b * chunks + chunk) * outs * channels
+                                 : nullptr;
+      const scalar_t* xb = xp + b * channels * n;
+      int64_t c4 = 0;  // four channels' dot products per gradient row read
+      for (; need_weight && c4 + 4 <= channels; c4 += 4) {
+        const scalar_t *x0 = xb + c4 * n, *x1 = x0 + n, *x2 = x1 + n,
+                       *x3 = x2 + n;
+        for (int64_t o = 0; o < outs; ++o) {
+          const scalar_t* grow = gb + o * n;
+          scalar_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+          _Pragma("omp simd reduction(+ : d0, d1, d2, d3)")
+          for (int64_t i = i0; i < i1; ++i) {
+            d0 += grow[i] * x0[i];
+            d1 += grow[i] * x1[i];
+            d2 += grow[i] * x2[i];
+            d3 += grow[i] * x3[i];
+          }
+          double* t = task + o * channels + c4;
+          t[0] = d0, t[1] = d1, t[2] = d2, t[3] = d3;
+        }
+      }
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t row = (b * channels + c) * n;
+        if (need_weight && c >= c4) {
+          const scalar_t* xr = xp + row;
+          for (int64_t o = 0; o < outs; ++o) {
+            const scalar_t* grow = gb + o * n;
+            scalar_t dot = 0;
+            _Pragma("omp simd reduction(+ : dot)")
+            for (int64_t i = i0; i < i1; ++i) dot += grow[i] * xr[i];
+            task[o * channels + c] = dot;
+          }
+        }
+        if (need_x) {
+          scalar_t* gxr = gxp + row;
+          const scalar_t w0 = wp[c];
+          _Pragma("omp simd")
+          for (int64_t i = i0; i < i1; ++i) gxr[i] = w0 * gb[i];
+          for (int64_t o = 1; o < outs; ++o) {
+            const scalar_t w = wp[o * channels + c];
+            const scalar_t* grow = gb + o * n;
+            _Pragma("omp simd")
+            for (int64_t i = i0; i < i1; ++i) gxr[i] += w * grow[i];
+          }
+        }
+      }
+    });
+  });
+  auto grad_weight = need_weight
+      ? partial.sum(0).to(x.scalar_type()) : torch::Tensor();
+  return {grad_weight, grad_x};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_adjoint", &pool_adjoint);
   m.def("row_moments", &row_moments);
@@ -486,4 +631,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pixel_scale_shift_add_relu", &pixel_scale_shift_add_relu);
   m.def("relu_grad_pixel_moments", &relu_grad_pixel_moments);
   m.def("combine_pixel_rows", &combine_pixel_rows);
+  m.def("few_maps_product", &few_maps_product);
+  m.def("few_maps_product_backward", &few_maps_product_backward);
 }
