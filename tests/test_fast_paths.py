@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from mmengine.registry import MODELS
 
 from mmctx.models import (GatherExcite, GEResNet, PatchSpatialInteraction,
                           SpatialBias, utils)
@@ -497,11 +498,15 @@ def test_pointwise_conv_falls_back_to_the_conv():
 
 @pytest.mark.parametrize('variant', ['parameter_free', 'depthwise',
                                      'depthwise_excite'])
-def test_ge_resnet_inference_folds_norm3_exactly(variant):
-    """GE-ResNet inference folds each block's norm3 into its GE gate; the
+def test_ge_resnet_inference_folds_norm3_exactly(variant, monkeypatch):
+    """GE-ResNet inference folds each block's norm3 into its GE gate (where
+    the fused inference tail does not run, e.g. without a compiler); the
     output equals the plain path (autograd on) at the reference size and
     at another size, with real (non-initial) weights and BN statistics."""
+    from mmctx.models.backbones.gated_bottleneck import GatedBottleneck
     from mmctx.models.backbones.ge_resnet import GEBottleneck
+    monkeypatch.setattr(GatedBottleneck, '_inference_tail_may_fuse',
+                        lambda self, gate: False)
     torch.manual_seed(0)
     net = GEResNet(depth=14, reference_input_size=64, ge=dict(
         variant=variant, extent='global'))
@@ -532,6 +537,58 @@ def test_ge_resnet_inference_folds_norm3_exactly(variant):
         assert not any(calls)
         for f, p in zip(folded, plain):
             torch.testing.assert_close(f, p.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('backbone', [
+    dict(type='GEResNet', ge=dict(variant='parameter_free')),
+    dict(type='GEResNet', ge=dict(variant='depthwise')),
+    dict(type='GEResNet', ge=dict(variant='depthwise_excite')),
+    dict(type='PSIResNet', psi=dict(grid_size=4)),
+])
+def test_inference_tails_equal_the_upstream_block(backbone, monkeypatch):
+    """In inference GE and PSI blocks run bn3, the gate, the add and the
+    ReLU as one pass (``forward_inference_tail``): the outputs equal the
+    upstream forward's (autograd on) with real weights and BN statistics,
+    at the reference size, another size and batch 1. Channels_last maps,
+    a hooked bn3 and missing loops take the other paths, with the same
+    outputs."""
+    from mmctx.models import norm_gate, norm_pixel_gate
+    torch.manual_seed(0)
+    net = MODELS.build(dict(backbone, depth=50, reference_input_size=64,
+                            base_channels=16))
+    net.init_weights()
+    _randomise_backbone(net)
+    net.eval()
+    gates = [m for m in net.modules()
+             if hasattr(m, 'forward_inference_tail')]
+    assert len(gates) == 16
+    tails = []
+    for gate in gates:
+        monkeypatch.setattr(gate, 'forward_inference_tail', (
+            lambda real: lambda *args: tails.append(1) or real(*args))(
+                gate.forward_inference_tail))
+
+    def check(x, fused_blocks, **kwargs):
+        tails.clear()
+        with torch.no_grad():
+            fast = net(x)
+        assert len(tails) == fused_blocks
+        tails.clear()
+        plain = net(x)  # autograd records: the upstream forward
+        assert not tails
+        for f, r in zip(fast, plain):
+            torch.testing.assert_close(f, r.detach(), rtol=1e-5, atol=1e-5)
+
+    for shape in [(2, 3, 64, 64), (1, 3, 80, 48)]:
+        check(torch.randn(shape), 16)
+    x = torch.randn(2, 3, 64, 64)
+    check(x.contiguous(memory_format=torch.channels_last), 0)
+    handle = net.layer1[0].norm3.register_forward_hook(lambda m, i, o: None)
+    check(x, 15)
+    handle.remove()
+    monkeypatch.setattr(norm_gate, 'kernels', lambda: None)
+    monkeypatch.setattr(norm_pixel_gate, 'kernels', lambda: None)
+    check(x, 0)
 
 
 def test_sb_resnet_inference_skips_the_concatenation_exactly():

@@ -197,6 +197,13 @@ class GatherExcite(BaseModule):
         the norm over the map is saved. Equal to ``self(norm(x))`` up to
         float rounding.
         """
+        return channel_scale_shift(x, *self.folded_gate(x, norm))
+
+    def folded_gate(self, x, norm):
+        """(B, C, 1, 1) ``scale`` and ``shift`` with ``self(norm(x)) = x *
+        scale + shift``, for an eval-mode, affine BatchNorm ``norm`` (global
+        extent): the norm's ``a``, ``b`` times the gate of ``a x + b``'s
+        context, computed from ``x``'s."""
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
         shift = norm.bias - norm.running_mean * scale
         if self.variant == 'parameter_free':
@@ -207,8 +214,7 @@ class GatherExcite(BaseModule):
             context = normalize(self.gather_norms[0],
                                 context[..., None, None])
         gate = self._gate_of_context(context.view(*x.shape[:2], 1, 1))
-        return channel_scale_shift(x, scale.view(1, -1, 1, 1) * gate,
-                                   shift.view(1, -1, 1, 1) * gate)
+        return scale.view(1, -1, 1, 1) * gate, shift.view(1, -1, 1, 1) * gate
 
     def _excite(self, context):
         """``self.excite(context)``. On a (B, C, 1, 1) context (global
@@ -273,3 +279,17 @@ class GatherExcite(BaseModule):
         (:mod:`mmctx.models.norm_gate`). Call only where
         :meth:`tail_applies`."""
         return norm_gate.norm_gate_add_relu(z, identity, norm, self)
+
+    def inference_tail_applies(self, norm, z, identity):
+        """Whether :meth:`forward_inference_tail` may run here: a global
+        gate after an eval-mode BatchNorm, on contiguous float CPU maps, in
+        eager code without autograd
+        (:func:`mmctx.models.norm_gate.inference_applies`)."""
+        return norm_gate.inference_applies(norm, z, identity, self)
+
+    def forward_inference_tail(self, z, identity, norm):
+        """``relu(identity + self(norm(z)))`` in inference: the norm folded
+        into the gate, then one pass over the map
+        (:func:`mmctx.models.norm_gate.norm_gate_add_relu_inference`). Call
+        only where :meth:`inference_tail_applies`."""
+        return norm_gate.norm_gate_add_relu_inference(z, identity, norm, self)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .utils import adaptive_avg_pool2d_banded, hooked, size_generic_path
 
@@ -285,13 +286,26 @@ def tail_maps_apply(norm, z, identity, gate_module):
     autocast (shared by this module's tail and
     :mod:`mmctx.models.norm_pixel_gate`'s; each also needs its loops
     compiled)."""
-    return (type(norm) is nn.BatchNorm2d and norm.training and norm.affine
-            and not hooked(norm) and z.dim() == 4
+    return (type(norm) is nn.BatchNorm2d and norm.training
+            and z.dim() == 4 and z.shape[0] * z.shape[2] * z.shape[3] > 1
+            and _tail_maps(norm, z, identity, gate_module))
+
+
+def inference_tail_maps_apply(norm, z, identity, gate_module):
+    """:func:`tail_maps_apply` for inference: ``norm`` an eval-mode
+    BatchNorm (running statistics), no autograd."""
+    return (isinstance(norm, _BatchNorm) and not norm.training
+            and norm.running_mean is not None
+            and not torch.is_grad_enabled()
+            and _tail_maps(norm, z, identity, gate_module))
+
+
+def _tail_maps(norm, z, identity, gate_module):
+    return (norm.affine and not hooked(norm) and z.dim() == 4
             and z.device.type == 'cpu' and z.is_contiguous()
             and z.dtype in (torch.float32, torch.float64)
             and identity.shape == z.shape and identity.dtype == z.dtype
             and identity.is_contiguous() and norm.weight.dtype == z.dtype
-            and z.shape[0] * z.shape[2] * z.shape[3] > 1
             and not hooked(gate_module)
             and not torch.is_autocast_enabled('cpu')
             and not size_generic_path(z) and not torch.jit.is_tracing())
@@ -309,6 +323,32 @@ def applies(norm, z, identity, gate_module):
         return False
     return tail_maps_apply(norm, z, identity, gate_module) \
         and kernels() is not None
+
+
+def inference_applies(norm, z, identity, gate_module):
+    """Whether :func:`norm_gate_add_relu_inference` may run: ``norm`` an
+    eval-mode BatchNorm, a global :class:`~mmctx.models.GatherExcite`,
+    contiguous float CPU maps, eager code without autograd
+    (:func:`inference_tail_maps_apply`)."""
+    if getattr(gate_module, 'extent', None) != 'global':
+        return False
+    if gate_module.variant != 'parameter_free' \
+            and gate_module.gather.weight.dtype != z.dtype:
+        return False
+    return inference_tail_maps_apply(norm, z, identity, gate_module) \
+        and kernels() is not None
+
+
+def norm_gate_add_relu_inference(z, identity, norm, gate_module):
+    """``relu(identity + gate_module(norm(z)))`` for an eval-mode ``norm``,
+    in one pass over ``z`` after the gate's context: the norm folded into
+    the gate (:meth:`GatherExcite.folded_gate`), then per row ``relu(
+    identity + z * (a g) + b g)``, where the plain ops write the gated map,
+    the sum and the ReLU's output in three passes. Call only where
+    :func:`inference_applies`."""
+    scale, shift = gate_module.folded_gate(z, norm)
+    return kernels().scale_shift_add_relu(z, identity, scale.reshape(-1),
+                                          shift.reshape(-1))
 
 
 def norm_gate_add_relu(z, identity, norm, gate_module):

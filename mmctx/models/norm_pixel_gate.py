@@ -27,7 +27,8 @@ float rounding, and so do the running statistics and second derivatives
 import torch
 import torch.nn.functional as F
 
-from .norm_gate import (kernels, running_statistics, tail_maps_apply,
+from .norm_gate import (inference_tail_maps_apply, kernels,
+                        running_statistics, tail_maps_apply,
                         update_running_statistics)
 from .utils import pointwise_conv
 
@@ -170,3 +171,34 @@ def norm_pixel_gate_add_relu(z, identity, norm, psi):
                                        psi.offset_weights(), running_mean,
                                        running_var, factor, norm.eps, psi,
                                        kernels(), *head_params)
+
+
+def inference_applies(norm, z, identity, psi):
+    """Whether :func:`norm_pixel_gate_add_relu_inference` may run: ``norm``
+    an eval-mode BatchNorm, contiguous float CPU maps, eager code without
+    autograd (:func:`mmctx.models.norm_gate.inference_tail_maps_apply`)."""
+    return psi.squeeze.weight.dtype == z.dtype and inference_tail_maps_apply(
+        norm, z, identity, psi) and kernels() is not None
+
+
+def norm_pixel_gate_add_relu_inference(z, identity, norm, psi):
+    """``relu(identity + psi(norm(z)))`` for an eval-mode ``norm``: the
+    squeeze's per-offset maps of ``norm(z) = a z + b`` from ``z`` (one 1x1
+    conv with the weights scaled by ``a``, plus a constant), the gate's
+    small head, then ``relu(identity + (a z + b) w)`` in one pass, where
+    the plain ops write the norm's output, the gated sum and the ReLU's in
+    three passes and read the norm's output again for the squeeze. Equal to
+    the plain ops up to float rounding. Call only where
+    :func:`inference_applies`."""
+    batch, _, height, width = z.shape
+    scale = norm.weight.double() * (norm.running_var.double()
+                                    + norm.eps).rsqrt()
+    shift = norm.bias.double() - norm.running_mean.double() * scale
+    offsets = psi.offset_weights().double()
+    maps = _offset_products((offsets * scale).to(z.dtype), z)
+    maps = (maps + (offsets @ shift).to(z.dtype)[:, None]).view(
+        batch, -1, height, width)
+    pixel_weights = psi.pixel_weights_of_patches(
+        psi.patches_of_offset_maps(maps), (height, width))
+    return kernels().pixel_scale_shift_add_relu(z, identity, scale, shift,
+                                                pixel_weights.contiguous())

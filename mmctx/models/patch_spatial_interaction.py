@@ -173,3 +173,19 @@ class PatchSpatialInteraction(BaseModule):
         :meth:`tail_applies`."""
         return norm_pixel_gate.norm_pixel_gate_add_relu(z, identity, norm,
                                                         self)
+
+    def inference_tail_applies(self, norm, z, identity):
+        """Whether :meth:`forward_inference_tail` may run here: after an
+        eval-mode BatchNorm, on contiguous float CPU maps, in eager code
+        without autograd
+        (:func:`mmctx.models.norm_pixel_gate.inference_applies`)."""
+        return norm_pixel_gate.inference_applies(norm, z, identity, self)
+
+    def forward_inference_tail(self, z, identity, norm):
+        """``relu(identity + self(norm(z)))`` in inference: the squeeze
+        from ``z`` with the norm folded in, then one pass over the map
+        (:func:`mmctx.models.norm_pixel_gate.
+        norm_pixel_gate_add_relu_inference`). Call only where
+        :meth:`inference_tail_applies`."""
+        return norm_pixel_gate.norm_pixel_gate_add_relu_inference(
+            z, identity, norm, self)

@@ -21,6 +21,11 @@ class GatedBottleneck(Bottleneck):
     instead, which computes ``identity + gate(x)`` in one ``addcmul``, in
     training and in inference.
 
+    In inference (eval mode, no autograd), with bn3 an eval BatchNorm,
+    the gate's ``forward_inference_tail`` folds bn3 into the gate and
+    writes ``relu(identity + gate(bn3(z)))`` in one pass, where the plain
+    ops take three (bn3, the gated add, the ReLU).
+
     In training, with bn3 a training-mode BatchNorm (``norm_eval=False``)
     and the gate its only after_conv3 plugin, the block asks the gate's
     ``forward_tail(z, identity, bn3)`` for the whole tail, ``relu(identity
@@ -57,12 +62,26 @@ class GatedBottleneck(Bottleneck):
                 and len(self.after_conv3_plugin_names) == 1
                 and hasattr(gate, 'forward_tail') and not hooked(self.relu))
 
+    def _inference_tail_may_fuse(self, gate):
+        """Whether ``gate`` may run bn3, itself, the add and the ReLU in
+        inference (its ``inference_tail_applies`` decides on conv3's
+        output)."""
+        if gate is None or self.training or torch.is_grad_enabled():
+            return False
+        norm3 = getattr(self, self.norm3_name)
+        return (isinstance(norm3, _BatchNorm) and not norm3.training
+                and len(self.after_conv3_plugin_names) == 1
+                and hasattr(gate, 'forward_inference_tail')
+                and not hooked(self.relu))
+
     def forward(self, x):
         gate = self.residual_gate(x)
         if gate is None:
             return super().forward(x)
         norm3 = getattr(self, self.norm3_name)
-        tail_may_fuse = self._tail_may_fuse(gate)
+        train_fuses = self._tail_may_fuse(gate)
+        infer_fuses = self._inference_tail_may_fuse(gate)
+        tail_may_fuse = train_fuses or infer_fuses
 
         def _inner_forward(x):
             out = self.relu(self.norm1(self.conv1(x)))
@@ -71,8 +90,11 @@ class GatedBottleneck(Bottleneck):
             out = self.forward_plugin(out, self.after_conv2_plugin_names)
             out = self.conv3(out)
             identity = x if self.downsample is None else self.downsample(x)
-            if tail_may_fuse and gate.tail_applies(norm3, out, identity):
+            if train_fuses and gate.tail_applies(norm3, out, identity):
                 return gate.forward_tail(out, identity, norm3)
+            if infer_fuses and gate.inference_tail_applies(norm3, out,
+                                                           identity):
+                return gate.forward_inference_tail(out, identity, norm3)
             out = self.forward_plugin(norm3(out),
                                       self.after_conv3_plugin_names[:-1])
             out = gate.forward_residual(out, identity)

@@ -53,7 +53,8 @@ class GEBottleneck(GatedBottleneck):
                 and not hooked(norm) and not hooked(gate))
 
     def forward(self, x):
-        if not self._can_fold_norm3(x):
+        if not self._can_fold_norm3(x) or self._inference_tail_may_fuse(
+                self.residual_gate(x)):  # the fused tail folds it too
             return super().forward(x)
         self._fold_norm3 = True
         try:

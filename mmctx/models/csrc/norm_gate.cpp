@@ -300,12 +300,13 @@ torch::Tensor pool_adjoint(torch::Tensor kernel, int64_t height,
 // weights, sums over channels, the squeeze maps' gradients) stay in cache
 // while every channel's row passes by.
 template <typename F>
-void for_pixel_chunks(int64_t batch, int64_t n, F f) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+void for_pixel_chunks(int64_t batch, int64_t n, F f,
+                      int64_t size = kChunk) {
+  const int64_t chunks = (n + size - 1) / size;
   at::parallel_for(0, batch * chunks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / chunks, chunk = t % chunks, i0 = chunk * kChunk;
-      f(b, chunk, i0, std::min(n, i0 + kChunk));
+      const int64_t b = t / chunks, chunk = t % chunks, i0 = chunk * size;
+      f(b, chunk, i0, std::min(n, i0 + size));
     }
   });
 }
@@ -494,6 +495,7 @@ void check_few_maps(const torch::Tensor& weight, const torch::Tensor& x) {
 
 torch::Tensor few_maps_product(torch::Tensor weight, torch::Tensor x) {
   check_few_maps(weight, x);
+  const int64_t size = kChunk;
   const int64_t outs = weight.size(0), channels = x.size(1),
                 n = x.size(2) * x.size(3);
   auto out = torch::empty({x.size(0), outs, x.size(2), x.size(3)},
@@ -532,7 +534,7 @@ torch::Tensor few_maps_product(torch::Tensor weight, torch::Tensor x) {
           for (int64_t i = i0; i < i1; ++i) orow[i] += w * xr[i];
         }
       }
-    });
+    }, size);
   });
   return out;
 }
@@ -547,13 +549,14 @@ std::vector<torch::Tensor> few_maps_product_backward(torch::Tensor weight,
                                                      bool need_weight,
                                                      bool need_x) {
   check_few_maps(weight, x);
+  const int64_t size = kChunk;
   const int64_t batch = x.size(0), outs = weight.size(0),
                 channels = x.size(1), n = x.size(2) * x.size(3);
   TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() &&
                   grad.scalar_type() == x.scalar_type() &&
                   grad.numel() == batch * outs * n,
               "grad must be a contiguous CPU (B, O, H, W) tensor");
-  const int64_t tasks = batch * ((n + kChunk - 1) / kChunk);
+  const int64_t tasks = batch * ((n + size - 1) / size);
   auto grad_x = need_x ? torch::empty_like(x) : torch::Tensor();
   auto partial = need_weight
       ? torch::zeros({tasks, outs, channels}, x.options().dtype(torch::kFloat64))
@@ -565,7 +568,7 @@ std::vector<torch::Tensor> few_maps_product_backward(torch::Tensor weight,
                    *gp = grad.data_ptr<scalar_t>();
     scalar_t* gxp = need_x ? grad_x.data_ptr<scalar_t>() : nullptr;
     double* pp = need_weight ? partial.data_ptr<double>() : nullptr;
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    const int64_t chunks = (n + size - 1) / size;
     for_pixel_chunks(batch, n, [&](int64_t b, int64_t chunk, int64_t i0,
                                    int64_t i1) {
       const scalar_t* gb = gp + b * outs * n;
@@ -615,7 +618,7 @@ std::vector<torch::Tensor> few_maps_product_backward(torch::Tensor weight,
           }
         }
       }
-    });
+    }, size);
   });
   auto grad_weight = need_weight
       ? partial.sum(0).to(x.scalar_type()) : torch::Tensor();
