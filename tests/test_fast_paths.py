@@ -591,6 +591,33 @@ def test_inference_tails_equal_the_upstream_block(backbone, monkeypatch):
     check(x, 0)
 
 
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('shape, size', [
+    ((2, 3, 20, 30), (7, 9)),  # pooling, uneven windows
+    ((1, 2, 5, 6), (7, 8)),  # up-sampling: rows in several windows
+    ((3, 4, 8, 8), (8, 2)),  # one axis kept
+])
+def test_pooled_dot_equals_the_pool_and_the_dot(dtype, shape, size):
+    """GE-θ's inference gather away from the reference size, pooling and
+    dot product in one read of the map, equals ``adaptive_avg_pool2d``
+    and the per-channel dot product; it runs only without autograd and
+    off the reference size."""
+    from mmctx.models import norm_gate
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype)
+    kernel = torch.randn(shape[1], *size, dtype=dtype)
+    reference = (F.adaptive_avg_pool2d(x.double(), size) *
+                 kernel.double()).sum((2, 3))
+    with torch.no_grad():
+        assert norm_gate.pooled_dot_applies(x, kernel, size)
+        assert not norm_gate.pooled_dot_applies(x, kernel, shape[-2:])
+        got = norm_gate.pooled_dot(x, kernel)
+    assert got.dtype == dtype
+    tol = 1e-12 if dtype is torch.float64 else 1e-6
+    torch.testing.assert_close(got.double(), reference, rtol=tol, atol=tol)
+    assert not norm_gate.pooled_dot_applies(x, kernel, size)  # autograd
+
+
 def test_sb_resnet_inference_skips_the_concatenation_exactly():
     """SB-ResNet inference runs conv3 on conv2's channels and adds the bias
     maps' rank-k term with bn3 folded in (SBBottleneck.forward_inference):

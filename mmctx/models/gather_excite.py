@@ -168,9 +168,13 @@ class GatherExcite(BaseModule):
         """The global depthwise gather without its norm: each channel of
         ``x``, resampled to ``feature_size``, dotted with its kernel (a
         depthwise conv whose kernel covers the map is a per-channel dot
-        product, several times faster on CPU as one)."""
-        return channel_dot(resample_to(x, self.feature_size),
-                           self.gather.weight.squeeze(1))
+        product, several times faster on CPU as one). Inference away from
+        the reference size pools and dots in one read of the map
+        (:func:`mmctx.models.norm_gate.pooled_dot`)."""
+        kernel = self.gather.weight.squeeze(1)
+        if norm_gate.pooled_dot_applies(x, kernel, self.feature_size):
+            return norm_gate.pooled_dot(x, kernel)
+        return channel_dot(resample_to(x, self.feature_size), kernel)
 
     def _gather(self, x):
         if self.variant == 'parameter_free':

@@ -254,6 +254,30 @@ def _kernel(gate_module, size):
         (1, 2), dtype=torch.float64)
 
 
+def pooled_dot_applies(x, kernel, size):
+    """Whether :func:`pooled_dot` may compute ``channel_dot(resample_to(x,
+    size), kernel)``: inference (no autograd) away from the reference
+    ``size``, a contiguous float CPU map of the kernel's dtype, eager code
+    without autocast, the loops compiled."""
+    return (not torch.is_grad_enabled() and x.dim() == 4
+            and tuple(x.shape[-2:]) != tuple(size)
+            and x.device.type == 'cpu' and x.is_contiguous()
+            and x.dtype in (torch.float32, torch.float64)
+            and kernel.dtype == x.dtype
+            and not torch.is_autocast_enabled('cpu')
+            and not size_generic_path(x) and not torch.jit.is_tracing()
+            and kernels() is not None)
+
+
+def pooled_dot(x, kernel):
+    """(B, C): per image and channel, ``x`` adaptively average-pooled to
+    the (C, h, w) ``kernel``'s size, dotted with the channel's kernel, in
+    one read of the map (C++ loops; the pooling's banded GEMMs read it
+    about three times over). Equal to the pool and the dot product up to
+    float rounding. Call only where :func:`pooled_dot_applies`."""
+    return kernels().pooled_dot(x, kernel.contiguous()).to(x.dtype)
+
+
 def running_statistics(norm):
     """A training-mode BatchNorm's running mean and variance (None, None
     where it keeps none) and this step's update factor, counting the step

@@ -295,6 +295,68 @@ torch::Tensor pool_adjoint(torch::Tensor kernel, int64_t height,
   return out;
 }
 
+// Per image and channel, the dot product of the channel's (h, w) kernel with
+// the map adaptively average-pooled to (h, w): GE-θ's global gather away
+// from its reference size, in double. One read of x: each input row is
+// added (vectorised) to the rows of the output windows that hold it, an
+// (h, W) buffer in cache; then each buffer row's window sums along W meet
+// the kernel. Equal to the pool followed by the dot product up to float
+// rounding.
+torch::Tensor pooled_dot(torch::Tensor x, torch::Tensor kernel) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
+              "x must be a contiguous CPU (B, C, H, W) tensor");
+  TORCH_CHECK(kernel.dim() == 3 && kernel.device().is_cpu() &&
+                  kernel.is_contiguous() &&
+                  kernel.scalar_type() == x.scalar_type() &&
+                  kernel.size(0) == x.size(1),
+              "kernel must be a contiguous CPU (C, h, w) tensor for x");
+  const int64_t channels = x.size(1), height = x.size(2), width = x.size(3),
+                h = kernel.size(1), w = kernel.size(2);
+  const auto rows = pool_windows(height, h), cols = pool_windows(width, w);
+  std::vector<std::vector<int64_t>> holders(height);  // windows of row y
+  for (int64_t a = 0; a < h; ++a)
+    for (int64_t y = rows[a].first; y < rows[a].second; ++y)
+      holders[y].push_back(a);
+  auto out = torch::empty({x.size(0), channels},
+                          x.options().dtype(torch::kFloat64));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pooled_dot", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(),
+                   *kp = kernel.data_ptr<scalar_t>();
+    double* op = out.data_ptr<double>();
+    at::parallel_for(0, x.size(0) * channels, 1, [&](int64_t r0,
+                                                      int64_t r1) {
+      std::vector<scalar_t> sums(h * width);
+      for (int64_t r = r0; r < r1; ++r) {
+        std::fill(sums.begin(), sums.end(), scalar_t(0));
+        const scalar_t* xr = xp + r * height * width;
+        for (int64_t y = 0; y < height; ++y) {
+          const scalar_t* row = xr + y * width;
+          for (const int64_t a : holders[y]) {
+            scalar_t* acc = sums.data() + a * width;
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < width; ++i) acc[i] += row[i];
+          }
+        }
+        const scalar_t* kc = kp + (r % channels) * h * w;
+        double total = 0;
+        for (int64_t a = 0; a < h; ++a) {
+          const scalar_t* acc = sums.data() + a * width;
+          double row_total = 0;
+          for (int64_t j = 0; j < w; ++j) {
+            const auto [start, end] = cols[j];
+            scalar_t window = 0;
+            for (int64_t i = start; i < end; ++i) window += acc[i];
+            row_total += double(kc[a * w + j]) * window / double(end - start);
+          }
+          total += row_total / double(rows[a].second - rows[a].first);
+        }
+        op[r] = total;
+      }
+    });
+  });
+  return out;
+}
+
 // The per-pixel loops below run over (image, chunk of kChunk pixels) tasks,
 // each looping over the image's channels: a chunk's per-pixel values (gate
 // weights, sums over channels, the squeeze maps' gradients) stay in cache
@@ -635,5 +697,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("relu_grad_pixel_moments", &relu_grad_pixel_moments);
   m.def("combine_pixel_rows", &combine_pixel_rows);
   m.def("few_maps_product", &few_maps_product);
+  m.def("pooled_dot", &pooled_dot);
   m.def("few_maps_product_backward", &few_maps_product_backward);
 }
