@@ -354,13 +354,29 @@ def test_psi_fused_equals_plain_ops():
 
 @pytest.mark.parametrize('fusion', ['concat', 'add'])
 def test_spatial_bias_squeeze_as_matmul_equals_conv(fusion):
-    """SB's 1x1 squeeze is a PointwiseConv2d: same outputs and gradients
-    on every path (GEMM in training and inference, size-generic)."""
+    """SB's 1x1 squeeze is a PointwiseConv2d and eager code runs its
+    Conv1d mix as one GEMM over the windows: same outputs and gradients on
+    every path (training and inference, size-generic: the convs)."""
     torch.manual_seed(0)
     sb = SpatialBias(16, pool_size=4, fusion=fusion)
     for p in sb.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 16, 9, 11)
+    mixed = []
+    handle = sb.mix.register_forward_pre_hook(lambda m, i: mixed.append(1))
+    sb.spatial_bias_of_squeezed.__func__(
+        sb, torch.randn(2, 5, 9, 11), (9, 11))
+    assert mixed == [1]  # a hooked mix runs the Conv1d itself
+    handle.remove()
+    mixed.clear()
+    real_mix = sb.mix.forward
+    sb.mix.forward = lambda t: mixed.append(1) or real_mix(t)
+    sb(x)
+    assert not mixed  # eager code: the GEMM
+    with size_generic():
+        sb(x)
+    assert mixed == [1]
+    del sb.mix.forward
     for mode in (True, False):
         sb.train(mode)
         state = {k: v.clone() for k, v in sb.state_dict().items()}
@@ -619,8 +635,9 @@ def test_pooled_dot_equals_the_pool_and_the_dot(dtype, shape, size):
 
 
 def test_sb_resnet_inference_skips_the_concatenation_exactly():
-    """SB-ResNet inference runs conv3 on conv2's channels and adds the bias
-    maps' rank-k term with bn3 folded in (SBBottleneck.forward_inference):
+    """SB-ResNet inference runs bn1, the ReLU and the branch's squeeze in
+    one pass and conv3 on conv2's channels, adding the bias maps' rank-k
+    term with bn3 folded in (SBBottleneck.forward_inference):
     the output equals the upstream forward's, with real weights and BN
     statistics, at two sizes and batch 1; training, autograd, autocast,
     channels_last maps, fusion='add' and hooks on the bypassed layers take
@@ -645,13 +662,24 @@ def test_sb_resnet_inference_skips_the_concatenation_exactly():
         with torch.no_grad():
             return net(x)
 
+    fused_squeezes = []
+    real_fuses = SBBottleneck._squeeze_fuses
+
+    def squeeze_fuses(block, out):
+        fused_squeezes.append(real_fuses(block, out))
+        return fused_squeezes[-1]
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(SBBottleneck, 'forward_inference', counted)
+        patch.setattr(SBBottleneck, '_squeeze_fuses', squeeze_fuses)
         for shape in [(2, 3, 64, 48), (1, 3, 40, 72)]:
             x = torch.randn(shape)
             folded.clear()
+            fused_squeezes.clear()
             fast = outputs(x)
             assert len(folded) == 7  # every SB block
+            # bn1, the ReLU and the squeeze in one pass
+            assert fused_squeezes == [True] * 7
             folded.clear()
             plain = net(x)  # autograd records: the upstream forward
             assert not folded
@@ -660,6 +688,11 @@ def test_sb_resnet_inference_skips_the_concatenation_exactly():
                                            atol=1e-5)
         x = torch.randn(2, 3, 64, 48)
         reference = outputs(x)
+        with pytest.MonkeyPatch.context() as unfused:
+            unfused.setattr(SBBottleneck, '_squeeze_fuses',
+                            lambda block, out: False)
+            for f, r in zip(outputs(x), reference):
+                torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
         block = net.layer1[1]
         for case in ('channels_last', 'autocast', 'hook', 'train'):
             folded.clear()
@@ -679,6 +712,8 @@ def test_sb_resnet_inference_skips_the_concatenation_exactly():
                 net.eval()
             if case == 'hook':  # only the hooked block runs upstream's
                 assert len(folded) == 6 and block not in folded, case
+            elif case == 'channels_last':  # blocks fed a channels_last map
+                assert net.layer1[0] not in folded, case
             else:
                 assert not folded, case
             if case in ('channels_last', 'hook'):

@@ -10,7 +10,7 @@ from mmengine.registry import MODELS
 from .utils import (adaptive_avg_pool2d_generic, adaptive_max_pool2d_generic,
                     built_as_plugin, check_choice, check_init_cfg,
                     build_pointwise_conv, check_layer_cfg,
-                    check_positive_int, normalize, size_generic_path)
+                    check_positive_int, hooked, normalize, size_generic_path)
 
 
 @MODELS.register_module()
@@ -109,20 +109,35 @@ class SpatialBias(BaseModule):
 
     def spatial_bias(self, x, size):
         """The ``num_bias`` bias maps of ``x``, resized to ``size``."""
-        batch = x.shape[0]
+        return self.spatial_bias_of_squeezed(self.squeeze(x), size)
+
+    def spatial_bias_of_squeezed(self, maps, size):
+        """The bias maps from the squeeze conv's output ``maps`` (B, k + 2,
+        H, W), resized to ``size``."""
+        batch = maps.shape[0]
         r = self.pool_size
-        maps = F.relu(normalize(self.norm, self.squeeze(x)))
-        if size_generic_path(maps):
+        maps = F.relu(normalize(self.norm, maps))
+        generic = size_generic_path(maps)
+        if generic:
             # Traced / exported graphs: adaptive pooling from tensor ops
             # (the legacy ONNX exporter has none for a dynamic input size).
-            generic = adaptive_avg_pool2d_generic if self.pool_type == 'avg' \
-                else adaptive_max_pool2d_generic
-            maps = generic(maps, (r, r))
+            generic_pool = adaptive_avg_pool2d_generic \
+                if self.pool_type == 'avg' else adaptive_max_pool2d_generic
+            maps = generic_pool(maps, (r, r))
         else:
             maps = self.pool(maps)  # (B, k + 2, r, r)
-        # Positions become Conv1d channels; the kernel slides over the maps.
-        maps = maps.flatten(2).transpose(1, 2)  # (B, r*r, k + 2)
-        bias = self.mix(maps).transpose(1, 2)  # (B, k, r*r)
+        if generic or torch.jit.is_tracing() or hooked(self.mix):
+            # Positions become Conv1d channels; the kernel slides over the
+            # maps.
+            maps = maps.flatten(2).transpose(1, 2)  # (B, r*r, k + 2)
+            bias = self.mix(maps).transpose(1, 2)  # (B, k, r*r)
+        else:
+            # The same Conv1d as one GEMM over its windows (oneDNN's conv
+            # costs several times more on so small an input, per call)
+            windows = maps.flatten(2).unfold(1, 3, 1)  # (B, k, r*r, 3)
+            bias = F.linear(windows.reshape(batch, self.num_bias, -1),
+                            self.mix.weight.reshape(r * r, -1),
+                            self.mix.bias)  # (B, k, r*r)
         bias = bias.reshape(batch, self.num_bias, r, r)
         return F.interpolate(
             bias, size=size, mode='bilinear', align_corners=False)

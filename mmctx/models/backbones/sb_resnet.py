@@ -9,9 +9,11 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..spatial_bias import SpatialBias
+from ..norm_gate import kernels
 from ..utils import (PointwiseConv2d, build_pointwise_conv, check_choice,
                      check_int, check_positive_int, check_stage_flags,
-                     hooked, pointwise_conv, size_generic_path)
+                     few_maps_applies, gemm_applies, hooked, pointwise_conv,
+                     size_generic_path)
 from .context_resnet import ContextResNet, check_plugin_cfg, check_plugins
 from .pretrained_slices import (compose, editable_pretrained_slices,
                                 only_composes, split_pretrained_slices)
@@ -110,6 +112,22 @@ class SBBottleneck(Bottleneck):
                 and getattr(next(iter(conv2_hooks.values())), '__func__',
                             None) is SBBottleneck._join_spatial_bias)
 
+    def _squeeze_fuses(self, out):
+        """Whether :meth:`forward_inference` may run bn1, the ReLU and the
+        branch's squeeze on conv1's output ``out`` as one C++ pass: an
+        eval, affine, unhooked bn1, a plain unhooked 1x1 squeeze conv with
+        few output maps, contiguous float CPU maps, the loops compiled."""
+        norm1, squeeze = self.norm1, self.spatial_bias.squeeze
+        return (isinstance(norm1, _BatchNorm) and not norm1.training
+                and norm1.affine and norm1.running_mean is not None
+                and not hooked(norm1) and not hooked(self.relu)
+                and type(squeeze) in (nn.Conv2d, PointwiseConv2d)
+                and squeeze.bias is None and not hooked(squeeze)
+                and out.device.type == 'cpu' and out.is_contiguous()
+                and gemm_applies(out)
+                and few_maps_applies(squeeze.weight, out)
+                and norm1.weight.dtype == out.dtype)
+
     def forward(self, x):
         if self._inference_applies(x):
             return self.forward_inference(x)
@@ -119,9 +137,23 @@ class SBBottleneck(Bottleneck):
         """The upstream forward in inference, without the concatenation
         (see the class docstring); call where :meth:`_inference_applies`.
         """
-        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.conv1(x)
+        squeezed = None
+        if self._squeeze_fuses(out):
+            # bn1, the ReLU and the branch's squeeze in one pass
+            scale1, shift1 = _affine(self.norm1)
+            squeeze = self.spatial_bias.squeeze.weight
+            out, squeezed = kernels().scale_shift_relu_few_maps(
+                out, scale1, shift1,
+                squeeze.reshape(squeeze.shape[0], -1).contiguous())
+        else:
+            out = self.relu(self.norm1(out))
         main = self.conv2.forward(out)  # the forward without the join hook
-        bias = self.spatial_bias.spatial_bias(out, main.shape[-2:])
+        if squeezed is None:
+            bias = self.spatial_bias.spatial_bias(out, main.shape[-2:])
+        else:
+            bias = self.spatial_bias.spatial_bias_of_squeezed(
+                squeezed, main.shape[-2:])
         norm2, norm3, planes = self.norm2, self.norm3, self.planes
         for layer in (norm2, self.conv3):
             compose(layer)

@@ -601,6 +601,53 @@ torch::Tensor few_maps_product(torch::Tensor weight, torch::Tensor x) {
   return out;
 }
 
+// relu(z * scale[c] + shift[c]) (an eval BatchNorm and its ReLU), written
+// out, and that map's few_maps_product with weight in the same pass: Spatial
+// Bias's squeeze of conv1's output in inference, where the plain ops write
+// the norm's output, rewrite it with the ReLU and read it again.
+std::vector<torch::Tensor> scale_shift_relu_few_maps(torch::Tensor z,
+                                                     torch::Tensor scale,
+                                                     torch::Tensor shift,
+                                                     torch::Tensor weight) {
+  check_few_maps(weight, z);
+  const int64_t outs = weight.size(0), channels = z.size(1),
+                n = z.size(2) * z.size(3);
+  auto out = torch::empty_like(z);
+  auto maps = torch::empty({z.size(0), outs, z.size(2), z.size(3)},
+                           z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "scale_shift_relu_few_maps",
+                             [&] {
+    auto sc = values_like(scale, z), sh = values_like(shift, z);
+    const scalar_t *wp = weight.data_ptr<scalar_t>(),
+                   *zp = z.data_ptr<scalar_t>(),
+                   *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
+    scalar_t *op = out.data_ptr<scalar_t>(), *mp = maps.data_ptr<scalar_t>();
+    for_pixel_chunks(z.size(0), n, [&](int64_t b, int64_t, int64_t i0,
+                                       int64_t i1) {
+      scalar_t* mb = mp + b * outs * n;
+      for (int64_t o = 0; o < outs; ++o)
+        std::fill(mb + o * n + i0, mb + o * n + i1, scalar_t(0));
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t row = (b * channels + c) * n;
+        const scalar_t *zr = zp + row, a = scp[c], s = shp[c];
+        scalar_t* orow = op + row;
+        _Pragma("omp simd")
+        for (int64_t i = i0; i < i1; ++i) {
+          const scalar_t v = zr[i] * a + s;
+          orow[i] = v > scalar_t(0) ? v : scalar_t(0);
+        }
+        for (int64_t o = 0; o < outs; ++o) {
+          const scalar_t w = wp[o * channels + c];
+          scalar_t* mrow = mb + o * n;
+          _Pragma("omp simd")
+          for (int64_t i = i0; i < i1; ++i) mrow[i] += w * orow[i];
+        }
+      }
+    });
+  });
+  return {out, maps};
+}
+
 // few_maps_product's backward in one pass over x and grad: the gradient of
 // x (per channel, the O gradient rows weighted by the channel's weights)
 // and of the weight (per task, the chunk's dot products of the O gradient
@@ -698,5 +745,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("combine_pixel_rows", &combine_pixel_rows);
   m.def("few_maps_product", &few_maps_product);
   m.def("pooled_dot", &pooled_dot);
+  m.def("scale_shift_relu_few_maps", &scale_shift_relu_few_maps);
   m.def("few_maps_product_backward", &few_maps_product_backward);
 }
