@@ -66,19 +66,20 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
-    """tools/analysis/fast_path_ab.py prints all seven tables, every stage,
+    """tools/analysis/fast_path_ab.py prints all eleven tables, every stage,
     setting and gated model, with positive times and ratios."""
     stdout = run([
         sys.executable, repo_root / 'tools' / 'analysis' /
         'fast_path_ab.py', '--shape', '64x96', '--block-shape', '32x32',
         '--batch', '2', '--repeats', '1', '--network-repeats', '1'
     ], timeout=300)
+    headers = ('| stage', '| model', '| module', '| conv1 output')
     tables = [[line.strip('|').split('|') for line in section.splitlines()
-               if line.startswith('| ') and not line.startswith('| stage')
-               and not line.startswith('| model')]
+               if line.startswith('| ') and not line.startswith(headers)]
               for section in stdout.split('\n## ')[1:]]
     (pools, reductions, networks, pixel_gates, blocks, norm_gates,
-     norm_gate_networks) = tables
+     norm_gate_networks, few_maps, fused_squeezes, pooled_dots,
+     inference) = tables
 
     def numbers(cell):
         return [float(v) for v in cell.replace('/', '→').split('→')]
@@ -118,6 +119,27 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
         for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50')]
     for r in norm_gate_networks:
         assert all(v > 0 for v in numbers(r[2])) and float(r[3]) > 0
+    assert [(r[0].strip(), r[1].strip()) for r in few_maps[:3]] == [
+        ('SB', '2x64x8x8 → 5'), ('PSI', '2x256x8x8 → 16'),
+        ('SB', '2x128x4x4 → 5')]
+    assert len(few_maps) == 14  # SB in 3 stages, PSI in 4; two settings
+    for r in few_maps:  # loops / GEMM / conv, eval and forward + backward
+        assert all(len(numbers(c)) == 3 and all(v >= 0 for v in numbers(c))
+                   for c in r[2:4]), r
+    assert [r[0].strip() for r in fused_squeezes] == [
+        '2x64x8x8', '2x128x4x4', '2x256x2x2', '1x64x16x24', '1x128x8x12',
+        '1x256x4x6']
+    assert [r[1].strip() for r in pooled_dots] == [
+        '1x256x16x24 → 56', '1x512x8x12 → 28', '1x1024x4x6 → 14',
+        '1x2048x2x3 → 7']
+    for r in fused_squeezes + pooled_dots:
+        assert all(v >= 0 for v in numbers(r[-1])), r
+    assert [(r[0].strip(), r[2].strip()) for r in inference] == [
+        (name, size) for size in ('2x3x32x32', '1x3x64x96')
+        for name in ('SB-R50', 'GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50',
+                     'PSI-R50', 'GE-θ-R50', 'GE-θ⁺-R50')]
+    for r in inference:
+        assert all(v > 0 for v in numbers(r[3])) and float(r[4]) > 0
 
 
 def test_time_two_paths_alternates_and_reports_the_pair_ratio():

@@ -27,17 +27,29 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
   ``mmctx.models.norm_pixel_gate``) vs the plain ops, next to ResNet-50's
   own tail (bn3, add, ReLU), on each stage's map at ``--block-shape`` batch
   ``--batch`` and at ``--shape`` batch 1 (forward + backward), and whole
-  GE- and PSI-ResNet-50 training steps with and without them.
+  GE- and PSI-ResNet-50 training steps with and without them;
+- few-map 1x1 convs (SB's and PSI's squeezes) as C++ loops
+  (``few_maps_product``) vs the GEMM and oneDNN's conv, on each stage's
+  map (eval, and forward + backward); SB's bn1 + ReLU + squeeze in one
+  pass vs the three ops; GE-θ's pooling and kernel dot product in one read
+  (``norm_gate.pooled_dot``) vs the banded GEMMs and the dot product;
+- the inference paths as whole networks: SB-ResNet-50 with / without
+  ``SBBottleneck.forward_inference``, GE- and PSI-ResNet-50 with / without
+  the fused inference tails (without: GE's norm3 fold, PSI's gate with the
+  add), GE-θ/θ⁺ with / without ``pooled_dot``.
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --tables norm-gate
     python tools/analysis/fast_path_ab.py --shape 800x1216 --repeats 45
     python tools/analysis/fast_path_ab.py --network-models PSI-R50
+    python tools/analysis/fast_path_ab.py --tables few-maps inference
 """
 import argparse
 import math
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -55,14 +67,18 @@ from mmctx.models import (gather_excite, gating,  # noqa: E402
                           patch_spatial_interaction)
 from mmctx.models.gating import (_channel_dots, _dot_hw,  # noqa: E402
                                  _kernel_grad)
-from mmctx.models.utils import adaptive_avg_pool2d_banded  # noqa: E402
+from mmctx.models.backbones.sb_resnet import SBBottleneck  # noqa: E402
+from mmctx.models.gating import channel_dot  # noqa: E402
+from mmctx.models.utils import (adaptive_avg_pool2d_banded,  # noqa: E402
+                                few_maps_product, pointwise_product,
+                                resample_to)
 
 
 # rows of the whole-network table
 NETWORKS = ['GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50']
 # tables, each printed by <name>_table
 TABLES = ['pooling', 'reduction', 'network', 'pixel-gate', 'block',
-          'norm-gate']
+          'norm-gate', 'few-maps', 'inference']
 
 
 def parse_args():
@@ -399,6 +415,138 @@ def norm_gate_network_rows(shape, block_shape, batch, repeats):
                    f'| {slow:.0f} → {fast:.0f} | {ratio:.3f} |')
 
 
+def median_ms(call, repeats):
+    call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def few_maps_rows(shape, block_shape, batch, repeats):
+    """SB's squeeze (5 maps of conv1's output) and PSI's (16 / 4 / 1 / 1
+    maps of conv3's) per stage: loops vs GEMM vs conv, eval and forward +
+    backward, ms."""
+    for batch_, size_ in ((batch, block_shape), (1, shape)):
+        height, width = (math.ceil(side / 4) for side in size_)
+        for stage in range(4):
+            for module, channels, outs in (
+                    ('SB', 64 * 2**stage, 5),
+                    ('PSI', 256 * 2**stage, (16, 4, 1, 1)[stage])):
+                if module == 'SB' and stage == 3:
+                    continue  # SB-ResNet leaves out stage 4
+                x = torch.randn(batch_, channels, height, width)
+                weight = torch.randn(outs, channels, 1, 1)
+                products = dict(
+                    loops=few_maps_product, gemm=pointwise_product,
+                    conv=lambda w, t: F.conv2d(t, w))
+                cells = []
+                for train in (False, True):
+                    times = {}
+                    for name, product in products.items():
+                        w_ = weight.clone().requires_grad_(train)
+                        x_ = x.clone().requires_grad_(train)
+
+                        def call(product=product, w_=w_, x_=x_):
+                            with torch.set_grad_enabled(train):
+                                out = product(w_, x_)
+                                if train:
+                                    out.backward(torch.ones_like(out))
+                        times[name] = median_ms(call, repeats)
+                    cells.append(' / '.join(
+                        f'{times[name]:.2f}' for name in products))
+                yield (f'| {module} | {batch_}x{channels}x{height}x{width} '
+                       f'→ {outs} | {cells[0]} | {cells[1]} |')
+            height, width = math.ceil(height / 2), math.ceil(width / 2)
+
+
+def fused_squeeze_rows(shape, block_shape, batch, repeats):
+    """SB's bn1 + ReLU + squeeze: the three ops / one pass, eval, ms."""
+    kernels = norm_gate.kernels()
+    for batch_, size_ in ((batch, block_shape), (1, shape)):
+        height, width = (math.ceil(side / 4) for side in size_)
+        for stage in range(3):
+            channels = 64 * 2**stage
+            z = torch.randn(batch_, channels, height, width)
+            scale, shift = torch.rand(channels) + 0.5, torch.randn(channels)
+            weight = torch.randn(5, channels)
+            mean, var = torch.zeros(channels), torch.ones(channels)
+
+            def plain():
+                out = F.relu(F.batch_norm(z, mean, var, scale, shift, False,
+                                          0., 0.))
+                return few_maps_product(weight[:, :, None, None], out)
+
+            with torch.no_grad():
+                _, fast, slow = time_two_paths(
+                    lambda: kernels.scale_shift_relu_few_maps(
+                        z, scale, shift, weight), plain, repeats)
+            yield (f'| {batch_}x{channels}x{height}x{width} '
+                   f'| {slow:.2f} → {fast:.2f} |')
+            height, width = math.ceil(height / 2), math.ceil(width / 2)
+
+
+def pooled_dot_rows(shape, repeats):
+    """GE-θ's gather off its reference size: banded GEMMs + dot products /
+    pooled_dot, eval, ms."""
+    height, width = (math.ceil(side / 4) for side in shape)
+    for stage in range(4):
+        channels, grid = 256 * 2**stage, 56 // 2**stage
+        x = torch.randn(1, channels, height, width)
+        kernel = torch.randn(channels, grid, grid)
+        with torch.no_grad():
+            _, fast, slow = time_two_paths(
+                lambda: norm_gate.pooled_dot(x, kernel),
+                lambda: channel_dot(resample_to(x, (grid, grid)), kernel),
+                repeats)
+        yield (f'| {stage + 1} | 1x{channels}x{height}x{width} → {grid} '
+               f'| {slow:.2f} → {fast:.2f} |')
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+
+
+def inference_rows(shape, block_shape, batch, repeats):
+    """Whole-network inference with each inference path / without it."""
+    switches = {
+        'SB-R50': [(SBBottleneck, '_inference_applies',
+                    lambda self, x: False)],
+        'tail': [(GatedBottleneck, '_inference_tail_may_fuse',
+                  lambda self, gate: False)],
+        'pooled': [(norm_gate, 'pooled_dot_applies', lambda *args: False)],
+    }
+    cases = [('SB-R50', 'SB-R50', 'bn1 + ReLU + squeeze in one pass, '
+              'no concatenation, bn3 folded into conv3')]
+    cases += [(name, 'tail', 'fused inference tail')
+              for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50')]
+    cases += [(name, 'pooled', '`pooled_dot`')
+              for name in ('GE-θ-R50', 'GE-θ⁺-R50')]
+    for batch_, size_ in ((batch, block_shape), (1, shape)):
+        x = torch.randn(batch_, 3, *size_)
+        for name, switch, what in cases:
+            net = MODELS.build(BACKBONES[name])
+            net.init_weights()
+            net.eval()
+            saved = [(owner, attr, getattr(owner, attr))
+                     for owner, attr, _ in switches[switch]]
+
+            def run(fast):
+                for (owner, attr, off), (_, _, on) in zip(switches[switch],
+                                                          saved):
+                    setattr(owner, attr, on if fast else off)
+                with torch.no_grad():
+                    net(x)
+
+            try:
+                ratio, fast, slow = time_two_paths(
+                    lambda: run(True), lambda: run(False), repeats)
+            finally:
+                for owner, attr, on in saved:
+                    setattr(owner, attr, on)
+            yield (f'| {name} | {what} | {batch_}x3x{size_[0]}x{size_[1]} '
+                   f'| {slow:.0f} → {fast:.0f} | {ratio:.3f} |')
+
+
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
@@ -493,6 +641,38 @@ def norm_gate_table(args):
         '| model | input | ms | ratio |\n|---|---|---:|---:|',
         norm_gate_network_rows(size(args.shape), size(args.block_shape),
                                args.batch, args.network_repeats))
+
+
+def few_maps_table(args):
+    print_table(
+        '\n## Few-map 1x1 convs (SB\'s and PSI\'s squeezes), ms: loops '
+        '(`few_maps_product`) / GEMM (`pointwise_product`) / oneDNN conv. '
+        f'Batch {args.batch}: {args.block_shape}; batch 1: {args.shape}.\n',
+        '| module | map → maps | eval | forward + backward |\n'
+        '|---|---|---:|---:|',
+        few_maps_rows(size(args.shape), size(args.block_shape), args.batch,
+                      args.repeats))
+    print_table(
+        '\n## SB\'s bn1 (eval) + ReLU + squeeze, ms: the three ops → one '
+        'pass (`scale_shift_relu_few_maps`)\n',
+        '| conv1 output | ms |\n|---|---:|',
+        fused_squeeze_rows(size(args.shape), size(args.block_shape),
+                           args.batch, args.repeats))
+    print_table(
+        f'\n## GE-θ\'s gather of each stage\'s map at {args.shape}, eval, '
+        'ms: banded GEMMs + dot products → `pooled_dot`\n',
+        '| stage | map → grid | ms |\n|---|---|---:|',
+        pooled_dot_rows(size(args.shape), args.repeats))
+
+
+def inference_table(args):
+    print_table(
+        '\n## Whole-network inference without / with each inference path '
+        '(ms, median ratio)\n',
+        '| model | path | input | ms | ratio |\n|---|---|---|---:|---:|',
+        inference_rows(size(args.shape), size(args.block_shape), args.batch,
+                       args.network_repeats))
+
 
 if __name__ == '__main__':
     main()
