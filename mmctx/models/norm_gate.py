@@ -340,12 +340,8 @@ def applies(norm, z, identity, gate_module):
     training-mode ``nn.BatchNorm2d``, ``gate_module`` a global
     :class:`~mmctx.models.GatherExcite`, contiguous float CPU maps, eager
     code (:func:`tail_maps_apply`)."""
-    if getattr(gate_module, 'extent', None) != 'global':
-        return False
-    if gate_module.variant != 'parameter_free' \
-            and gate_module.gather.weight.dtype != z.dtype:
-        return False
-    return tail_maps_apply(norm, z, identity, gate_module) \
+    return _global_gate_of(gate_module, z) \
+        and tail_maps_apply(norm, z, identity, gate_module) \
         and kernels() is not None
 
 
@@ -354,13 +350,17 @@ def inference_applies(norm, z, identity, gate_module):
     eval-mode BatchNorm, a global :class:`~mmctx.models.GatherExcite`,
     contiguous float CPU maps, eager code without autograd
     (:func:`inference_tail_maps_apply`)."""
+    return _global_gate_of(gate_module, z) \
+        and inference_tail_maps_apply(norm, z, identity, gate_module) \
+        and kernels() is not None
+
+
+def _global_gate_of(gate_module, z):
+    """A global GE gate whose kernel (if any) has ``z``'s dtype."""
     if getattr(gate_module, 'extent', None) != 'global':
         return False
-    if gate_module.variant != 'parameter_free' \
-            and gate_module.gather.weight.dtype != z.dtype:
-        return False
-    return inference_tail_maps_apply(norm, z, identity, gate_module) \
-        and kernels() is not None
+    return gate_module.variant == 'parameter_free' \
+        or gate_module.gather.weight.dtype == z.dtype
 
 
 def norm_gate_add_relu_inference(z, identity, norm, gate_module):
