@@ -45,6 +45,16 @@ def _offset_products(weight, z):
         z.shape[0], weight.shape[0], -1)
 
 
+def _offset_maps_of_norm(offset_weights, scale, shift, z):
+    """(B, K, H, W): the squeeze's per-offset maps of ``x = z * scale +
+    shift`` (per channel, float64 ``scale`` and ``shift``), from ``z``:
+    ``W x = (W a) z + W b``."""
+    offsets = offset_weights.double()
+    maps = _offset_products((offsets * scale).to(z.dtype), z)
+    return (maps + (offsets @ shift).to(z.dtype)[:, None]).view(
+        *z.shape[:1], -1, *z.shape[2:])
+
+
 class _NormPixelGateAddReLU(torch.autograd.Function):
 
     @staticmethod
@@ -59,11 +69,7 @@ class _NormPixelGateAddReLU(torch.autograd.Function):
         invstd = (var + eps).rsqrt()
         scale = weight.double() * invstd  # x = z * scale + shift
         shift = bias.double() - mean * scale
-        # The squeeze's per-offset maps of x, from z: W x = (W a) z + W b
-        offsets = offset_weights.double()
-        maps = _offset_products((offsets * scale).to(z.dtype), z)
-        maps = (maps + (offsets @ shift).to(z.dtype)[:, None]).view(
-            batch, -1, height, width)
+        maps = _offset_maps_of_norm(offset_weights, scale, shift, z)
         # The head's graph, for the backward, with its saved tensors kept
         # as they are: outer hooks (activation checkpointing) would pack
         # them and recompute the block to unpack them.
@@ -190,14 +196,11 @@ def norm_pixel_gate_add_relu_inference(z, identity, norm, psi):
     three passes and read the norm's output again for the squeeze. Equal to
     the plain ops up to float rounding. Call only where
     :func:`inference_applies`."""
-    batch, _, height, width = z.shape
+    height, width = z.shape[-2:]
     scale = norm.weight.double() * (norm.running_var.double()
                                     + norm.eps).rsqrt()
     shift = norm.bias.double() - norm.running_mean.double() * scale
-    offsets = psi.offset_weights().double()
-    maps = _offset_products((offsets * scale).to(z.dtype), z)
-    maps = (maps + (offsets @ shift).to(z.dtype)[:, None]).view(
-        batch, -1, height, width)
+    maps = _offset_maps_of_norm(psi.offset_weights(), scale, shift, z)
     pixel_weights = psi.pixel_weights_of_patches(
         psi.patches_of_offset_maps(maps), (height, width))
     return kernels().pixel_scale_shift_add_relu(z, identity, scale, shift,
