@@ -636,13 +636,15 @@ def test_pooled_dot_equals_the_pool_and_the_dot(dtype, shape, size):
 
 def test_sb_resnet_inference_skips_the_concatenation_exactly():
     """SB-ResNet inference runs bn1, the ReLU and the branch's squeeze in
-    one pass and conv3 on conv2's channels, adding the bias maps' rank-k
-    term with bn3 folded in (SBBottleneck.forward_inference):
+    one pass, conv3 on conv2's channels, and bn3, the bias maps' rank-k
+    term, the residual add and the ReLU in one pass
+    (SBBottleneck.forward_inference):
     the output equals the upstream forward's, with real weights and BN
     statistics, at two sizes and batch 1; training, autograd, autocast,
     channels_last maps, fusion='add' and hooks on the bypassed layers take
     the upstream forward."""
     from mmctx.models import SBResNet
+    from mmctx.models.backbones import sb_resnet
     from mmctx.models.backbones.sb_resnet import SBBottleneck
     torch.manual_seed(0)
     net = SBResNet(depth=50, stage_with_sb=(True, True), base_channels=16,
@@ -689,8 +691,10 @@ def test_sb_resnet_inference_skips_the_concatenation_exactly():
         x = torch.randn(2, 3, 64, 48)
         reference = outputs(x)
         with pytest.MonkeyPatch.context() as unfused:
+            # the plain ops where the compiled loops do not apply
             unfused.setattr(SBBottleneck, '_squeeze_fuses',
                             lambda block, out: False)
+            unfused.setattr(sb_resnet, '_tail_fuses', lambda *maps: False)
             for f, r in zip(outputs(x), reference):
                 torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
         block = net.layer1[1]
@@ -727,6 +731,33 @@ def test_sb_resnet_inference_skips_the_concatenation_exactly():
         with torch.no_grad():
             add(x)
         assert not folded
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('shape', [(2, 8, 5, 7), (1, 4, 40, 33)])
+def test_rank_tail_equals_the_plain_ops(dtype, shape):
+    """SB's inference tail loops: relu(identity + bn3(z) + W @ maps) per
+    pixel, in place on z, for rows longer and shorter than a chunk."""
+    from mmctx.models.norm_gate import kernels
+    ops = kernels()
+    torch.manual_seed(0)
+    batch, channels, height, width = shape
+    z, identity = torch.randn(2, *shape, dtype=dtype)
+    maps = torch.rand(batch, 3, height, width, dtype=dtype)
+    weight = torch.randn(channels, 3, dtype=dtype)
+    scale, shift = torch.randn(2, channels, dtype=dtype)
+    reference = F.relu(identity + z * scale[:, None, None]
+                       + shift[:, None, None]
+                       + torch.einsum('ck,bkhw->bchw', weight, maps))
+    out = z.clone()
+    got = ops.rank_scale_shift_add_relu_(out, identity, scale, shift,
+                                         weight, maps)
+    assert got.data_ptr() == out.data_ptr()  # in place
+    tol = 1e-12 if dtype is torch.float64 else 1e-5
+    torch.testing.assert_close(got, reference, rtol=tol, atol=tol)
+    with pytest.raises(RuntimeError, match='maps must be'):
+        ops.rank_scale_shift_add_relu_(z.clone(), identity, scale, shift,
+                                       weight, maps[:, :2])
 
 
 def backbone_grads(net, x):

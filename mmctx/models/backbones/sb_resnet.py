@@ -34,11 +34,11 @@ class SBBottleneck(Bottleneck):
     Inference (eval mode, no autograd, eval BatchNorms) never builds the
     concatenation (:meth:`forward_inference`): bn2 and the ReLU act per
     channel, so conv3 of the joined map is conv3's first ``planes`` inputs
-    on conv2's map plus a rank-``num_bias`` term from the bias maps; bn3 is
-    folded into conv3, and that term and bn3's shift are added to conv3's
-    output in place, one pass where the block had bn3's. conv3 then runs
-    at ResNet's width, and the copy of conv2's map into the joined one is
-    saved. Equal to the upstream forward up to float rounding
+    on conv2's map plus a rank-``num_bias`` term from the bias maps. bn3,
+    that term, the residual add and the ReLU then run as one pass of
+    compiled loops over conv3's output, where the upstream block makes
+    three (bn3, the add, the ReLU). conv3 runs at ResNet's width, and the
+    copy of conv2's map into the joined one is saved. Equal to the upstream forward up to float rounding
     (``tests/test_fast_paths.py``).
 
     In a frozen stage of an mmctx backbone only the pretrained part of the
@@ -164,19 +164,21 @@ class SBBottleneck(Bottleneck):
         scale2, shift2 = _affine(norm2)
         bias = F.relu(torch.addcmul(shift2[planes:, None, None], bias,
                                     scale2[planes:, None, None]))
-        # conv3 with bn3 folded in; the bias channels' weights and bn3's
-        # shift act on [bias maps, ones]
-        scale3, shift3 = _affine(norm3)
-        weight = self.conv3.weight.flatten(1) * scale3[:, None]
-        main_weight = weight[:, :planes, None, None].contiguous()
-        out = pointwise_conv(main_weight, main)
-        batch, channels, height, width = out.shape
-        rank = torch.cat([bias, bias.new_ones(batch, 1, height, width)], 1)
-        rank_weight = torch.cat([weight[:, planes:], shift3[:, None]], 1)
-        out.view(batch, channels, -1).baddbmm_(
-            rank_weight.expand(batch, -1, -1), rank.view(batch, -1,
-                                                         height * width))
+        # conv3 on conv2's channels; the bias channels' inputs of conv3,
+        # times bn3's scale, act on the bias maps as a rank-k term
+        out = pointwise_conv(self.conv3.weight[:, :planes], main)
         identity = x if self.downsample is None else self.downsample(x)
+        scale3, shift3 = _affine(norm3)
+        rank_weight = self.conv3.weight[:, planes:].flatten(1) * scale3[:, None]
+        if _tail_fuses(out, identity, bias):
+            # bn3, the rank-k term, the residual add and the ReLU in one pass
+            return kernels().rank_scale_shift_add_relu_(
+                out, identity, scale3, shift3, rank_weight, bias)
+        batch, channels, height, width = out.shape
+        out = torch.addcmul(shift3[:, None, None], out, scale3[:, None, None])
+        out.view(batch, channels, -1).baddbmm_(
+            rank_weight.expand(batch, -1, -1),
+            bias.reshape(batch, self.num_bias, -1))
         out += identity
         return self.relu(out)
 
@@ -227,6 +229,18 @@ class SBBottleneck(Bottleneck):
                 state_dict[key] = torch.cat(
                     [tensor, tensor.new_full(shape, value)], dim=dim)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _tail_fuses(out, identity, bias):
+    """Whether the compiled loops may finish the block in inference (see
+    :meth:`SBBottleneck.forward_inference`): contiguous float32 / float64
+    CPU maps of one dtype, identity shaped like conv3's output."""
+    return (out.device.type == 'cpu' and out.dtype in (torch.float32,
+                                                       torch.float64)
+            and all(t.dtype == out.dtype and t.device == out.device
+                    and t.is_contiguous() for t in (identity, bias))
+            and out.is_contiguous() and identity.shape == out.shape
+            and kernels() is not None)
 
 
 def _affine(norm):

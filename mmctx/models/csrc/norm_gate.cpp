@@ -734,6 +734,68 @@ std::vector<torch::Tensor> few_maps_product_backward(torch::Tensor weight,
   return {grad_weight, grad_x};
 }
 
+// In place on z: relu(identity + z * scale[c] + shift[c]
+// + sum_j weight[c, j] * maps[b, j, i]) at pixel i of row (b, c): the tail of
+// a Spatial Bias bottleneck in inference, where conv3 ran on conv2's
+// channels only (z) and the k bias maps enter as a rank-k term; eval bn3,
+// the residual add and the ReLU in the same pass.
+torch::Tensor rank_scale_shift_add_relu_(torch::Tensor z,
+                                         torch::Tensor identity,
+                                         torch::Tensor scale,
+                                         torch::Tensor shift,
+                                         torch::Tensor weight,
+                                         torch::Tensor maps) {
+  TORCH_CHECK(z.dim() == 4, "z must be (B, C, H, W)");
+  check_map(z, z, "z");
+  check_map(identity, z, "identity");
+  const int64_t channels = z.size(1), rows = z.size(0) * channels,
+                n = z.numel() / rows;
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 &&
+                  weight.size(0) == channels &&
+                  weight.scalar_type() == z.scalar_type(),
+              "weight must be a CPU (C, k) tensor for z");
+  const int64_t k = weight.size(1);
+  TORCH_CHECK(maps.device().is_cpu() && maps.is_contiguous() &&
+                  maps.scalar_type() == z.scalar_type() &&
+                  maps.dim() == 4 && maps.size(0) == z.size(0) &&
+                  maps.size(1) == k && maps.size(2) == z.size(2) &&
+                  maps.size(3) == z.size(3),
+              "maps must be a contiguous CPU (B, k, H, W) tensor for z");
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rank_scale_shift_add_relu_",
+                             [&] {
+    auto sc = values_like(scale, z), sh = values_like(shift, z),
+         w = weight.contiguous();
+    const scalar_t *ip = identity.data_ptr<scalar_t>(),
+                   *mp = maps.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>(),
+                   *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / channels, c = r % channels;
+        const scalar_t *ir = ip + r * n, *mb = mp + b * k * n,
+                       *wr = wp + c * k;
+        scalar_t* zr = zp + r * n;
+        const scalar_t a = scp[c], s = shp[c];
+        // a chunk at a time, so that the k passes over it stay in cache
+        for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+          const int64_t i1 = std::min(n, i0 + kChunk);
+          _Pragma("omp simd")
+          for (int64_t i = i0; i < i1; ++i) zr[i] = ir[i] + (zr[i] * a + s);
+          for (int64_t j = 0; j < k; ++j) {
+            const scalar_t wj = wr[j], *mr = mb + j * n;
+            _Pragma("omp simd")
+            for (int64_t i = i0; i < i1; ++i) zr[i] += wj * mr[i];
+          }
+          _Pragma("omp simd")
+          for (int64_t i = i0; i < i1; ++i)
+            zr[i] = zr[i] > scalar_t(0) ? zr[i] : scalar_t(0);
+        }
+      }
+    });
+  });
+  return z;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_adjoint", &pool_adjoint);
   m.def("row_moments", &row_moments);
@@ -747,4 +809,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pooled_dot", &pooled_dot);
   m.def("scale_shift_relu_few_maps", &scale_shift_relu_few_maps);
   m.def("few_maps_product_backward", &few_maps_product_backward);
+  m.def("rank_scale_shift_add_relu_", &rank_scale_shift_add_relu_);
 }
