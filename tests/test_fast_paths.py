@@ -736,8 +736,10 @@ def test_sb_resnet_inference_skips_the_concatenation_exactly():
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('shape', [(2, 8, 5, 7), (1, 4, 40, 33)])
 def test_rank_tail_equals_the_plain_ops(dtype, shape):
-    """SB's inference tail loops: relu(identity + bn3(z) + W @ maps) per
-    pixel, in place on z, for rows longer and shorter than a chunk."""
+    """SB's tail loops: relu(identity + (z + W @ maps) * scale + shift) per
+    pixel (bn3 as an affine map), into a new map or in place on z, and
+    the rows' moments of z + W @ maps, for rows longer and shorter than a
+    chunk."""
     from mmctx.models.norm_gate import kernels
     ops = kernels()
     torch.manual_seed(0)
@@ -746,18 +748,25 @@ def test_rank_tail_equals_the_plain_ops(dtype, shape):
     maps = torch.rand(batch, 3, height, width, dtype=dtype)
     weight = torch.randn(channels, 3, dtype=dtype)
     scale, shift = torch.randn(2, channels, dtype=dtype)
-    reference = F.relu(identity + z * scale[:, None, None]
-                       + shift[:, None, None]
-                       + torch.einsum('ck,bkhw->bchw', weight, maps))
-    out = z.clone()
-    got = ops.rank_scale_shift_add_relu_(out, identity, scale, shift,
-                                         weight, maps)
-    assert got.data_ptr() == out.data_ptr()  # in place
+    u = z + torch.einsum('ck,bkhw->bchw', weight, maps)
+    reference = F.relu(identity + u * scale[:, None, None]
+                       + shift[:, None, None])
     tol = 1e-12 if dtype is torch.float64 else 1e-5
-    torch.testing.assert_close(got, reference, rtol=tol, atol=tol)
+    for out in (torch.empty_like(z), z.clone()):  # z's copy: in place
+        z_in = out if out.equal(z) else z
+        got = ops.rank_scale_shift_add_relu(z_in, identity, scale, shift,
+                                            weight, maps, out)
+        assert got.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(got, reference, rtol=tol, atol=tol)
+    # the rows' moments of z + weight @ maps
+    sums, squares = ops.rank_row_moments(z, weight, maps)
+    assert sums.dtype == squares.dtype == torch.float64
+    torch.testing.assert_close(sums, u.double().sum((2, 3)), rtol=tol,
+                               atol=tol * u.shape[-1] * u.shape[-2])
+    torch.testing.assert_close(squares, u.double().square().sum((2, 3)),
+                               rtol=tol, atol=tol * u.shape[-1] * u.shape[-2])
     with pytest.raises(RuntimeError, match='maps must be'):
-        ops.rank_scale_shift_add_relu_(z.clone(), identity, scale, shift,
-                                       weight, maps[:, :2])
+        ops.rank_row_moments(z, weight, maps[:, :2])
 
 
 def backbone_grads(net, x):

@@ -164,20 +164,21 @@ class SBBottleneck(Bottleneck):
         scale2, shift2 = _affine(norm2)
         bias = F.relu(torch.addcmul(shift2[planes:, None, None], bias,
                                     scale2[planes:, None, None]))
-        # conv3 on conv2's channels; the bias channels' inputs of conv3,
-        # times bn3's scale, act on the bias maps as a rank-k term
+        # conv3 on conv2's channels; the bias channels' inputs of conv3 act
+        # on the bias maps as a rank-k term
         out = pointwise_conv(self.conv3.weight[:, :planes], main)
         identity = x if self.downsample is None else self.downsample(x)
         scale3, shift3 = _affine(norm3)
-        rank_weight = self.conv3.weight[:, planes:].flatten(1) * scale3[:, None]
+        rank_weight = self.conv3.weight[:, planes:].flatten(1)
         if _tail_fuses(out, identity, bias):
-            # bn3, the rank-k term, the residual add and the ReLU in one pass
-            return kernels().rank_scale_shift_add_relu_(
-                out, identity, scale3, shift3, rank_weight, bias)
+            # bn3 of conv3's output plus the rank-k term, the residual add
+            # and the ReLU in one pass
+            return kernels().rank_scale_shift_add_relu(
+                out, identity, scale3, shift3, rank_weight, bias, out)
         batch, channels, height, width = out.shape
         out = torch.addcmul(shift3[:, None, None], out, scale3[:, None, None])
         out.view(batch, channels, -1).baddbmm_(
-            rank_weight.expand(batch, -1, -1),
+            (rank_weight * scale3[:, None]).expand(batch, -1, -1),
             bias.reshape(batch, self.num_bias, -1))
         out += identity
         return self.relu(out)

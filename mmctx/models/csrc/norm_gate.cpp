@@ -734,66 +734,117 @@ std::vector<torch::Tensor> few_maps_product_backward(torch::Tensor weight,
   return {grad_weight, grad_x};
 }
 
-// In place on z: relu(identity + z * scale[c] + shift[c]
-// + sum_j weight[c, j] * maps[b, j, i]) at pixel i of row (b, c): the tail of
-// a Spatial Bias bottleneck in inference, where conv3 ran on conv2's
-// channels only (z) and the k bias maps enter as a rank-k term; eval bn3,
-// the residual add and the ReLU in the same pass.
-torch::Tensor rank_scale_shift_add_relu_(torch::Tensor z,
-                                         torch::Tensor identity,
-                                         torch::Tensor scale,
-                                         torch::Tensor shift,
-                                         torch::Tensor weight,
-                                         torch::Tensor maps) {
+// Spatial Bias's block tail: u = z + weight @ maps, that is at pixel i of
+// row (b, c) z's value plus sum_j weight[c, j] * maps[b, j, i], where conv3
+// ran on conv2's channels only (z) and the k bias maps enter as a rank-k
+// term; u is never written out.
+void check_rank(const torch::Tensor& weight, const torch::Tensor& maps,
+                const torch::Tensor& z) {
   TORCH_CHECK(z.dim() == 4, "z must be (B, C, H, W)");
   check_map(z, z, "z");
-  check_map(identity, z, "identity");
-  const int64_t channels = z.size(1), rows = z.size(0) * channels,
-                n = z.numel() / rows;
   TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 &&
-                  weight.size(0) == channels &&
+                  weight.size(0) == z.size(1) &&
                   weight.scalar_type() == z.scalar_type(),
               "weight must be a CPU (C, k) tensor for z");
-  const int64_t k = weight.size(1);
   TORCH_CHECK(maps.device().is_cpu() && maps.is_contiguous() &&
                   maps.scalar_type() == z.scalar_type() &&
                   maps.dim() == 4 && maps.size(0) == z.size(0) &&
-                  maps.size(1) == k && maps.size(2) == z.size(2) &&
-                  maps.size(3) == z.size(3),
+                  maps.size(1) == weight.size(1) &&
+                  maps.size(2) == z.size(2) && maps.size(3) == z.size(3),
               "maps must be a contiguous CPU (B, k, H, W) tensor for z");
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rank_scale_shift_add_relu_",
-                             [&] {
-    auto sc = values_like(scale, z), sh = values_like(shift, z),
-         w = weight.contiguous();
-    const scalar_t *ip = identity.data_ptr<scalar_t>(),
-                   *mp = maps.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>(),
-                   *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
-    scalar_t* zp = z.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / channels, c = r % channels;
-        const scalar_t *ir = ip + r * n, *mb = mp + b * k * n,
-                       *wr = wp + c * k;
-        scalar_t* zr = zp + r * n;
-        const scalar_t a = scp[c], s = shp[c];
-        // a chunk at a time, so that the k passes over it stay in cache
-        for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-          const int64_t i1 = std::min(n, i0 + kChunk);
+}
+
+// Calls f(row, i0, i1, u) for each row of u = z + weight @ maps a chunk of
+// pixels [i0, i1) at a time, u holding the chunk's values.
+template <typename scalar_t, typename F>
+void for_rank_chunks(const torch::Tensor& z, const torch::Tensor& weight,
+                     const torch::Tensor& maps, F f) {
+  const int64_t channels = z.size(1), rows = z.size(0) * channels,
+                n = z.numel() / rows, k = weight.size(1);
+  auto w = weight.contiguous();
+  const scalar_t *zp = z.data_ptr<scalar_t>(), *mp = maps.data_ptr<scalar_t>(),
+                 *wp = w.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    scalar_t u[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t *zr = zp + r * n, *mb = mp + (r / channels) * k * n,
+                     *wr = wp + (r % channels) * k;
+      for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+        const int64_t len = std::min(n - i0, kChunk);
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < len; ++i) u[i] = zr[i0 + i];
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t wj = wr[j], *mr = mb + j * n + i0;
           _Pragma("omp simd")
-          for (int64_t i = i0; i < i1; ++i) zr[i] = ir[i] + (zr[i] * a + s);
-          for (int64_t j = 0; j < k; ++j) {
-            const scalar_t wj = wr[j], *mr = mb + j * n;
-            _Pragma("omp simd")
-            for (int64_t i = i0; i < i1; ++i) zr[i] += wj * mr[i];
-          }
-          _Pragma("omp simd")
-          for (int64_t i = i0; i < i1; ++i)
-            zr[i] = zr[i] > scalar_t(0) ? zr[i] : scalar_t(0);
+          for (int64_t i = 0; i < len; ++i) u[i] += wj * mr[i];
         }
+        f(r, i0, len, u);
+      }
+    }
+  });
+}
+
+// Per row of u: its sum and its sum of squares, (B, C) in double.
+std::vector<torch::Tensor> rank_row_moments(torch::Tensor z,
+                                            torch::Tensor weight,
+                                            torch::Tensor maps) {
+  check_rank(weight, maps, z);
+  auto opts = z.options().dtype(torch::kFloat64);
+  auto sums = torch::zeros({z.size(0), z.size(1)}, opts);
+  auto squares = torch::zeros({z.size(0), z.size(1)}, opts);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rank_row_moments", [&] {
+    double *s1 = sums.data_ptr<double>(), *s2 = squares.data_ptr<double>();
+    for_rank_chunks<scalar_t>(z, weight, maps, [&](int64_t r, int64_t,
+                                                   int64_t len,
+                                                   const scalar_t* u) {
+      double a = 0, b = 0;
+      _Pragma("omp simd reduction(+ : a, b)")
+      for (int64_t i = 0; i < len; ++i) {
+        const double v = u[i];
+        a += v;
+        b += v * v;
+      }
+      s1[r] += a;
+      s2[r] += b;
+    });
+  });
+  return {sums, squares};
+}
+
+// relu(identity + u * scale[c] + shift[c]) into out (z itself for in
+// place): eval bn3 (or the batch's statistics in training), the residual
+// add and the ReLU in one pass.
+torch::Tensor rank_scale_shift_add_relu(torch::Tensor z,
+                                        torch::Tensor identity,
+                                        torch::Tensor scale,
+                                        torch::Tensor shift,
+                                        torch::Tensor weight,
+                                        torch::Tensor maps,
+                                        torch::Tensor out) {
+  check_rank(weight, maps, z);
+  check_map(identity, z, "identity");
+  check_map(out, z, "out");
+  const int64_t channels = z.size(1), n = z.numel() / z.size(0) / channels;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rank_scale_shift_add_relu",
+                             [&] {
+    auto sc = values_like(scale, z), sh = values_like(shift, z);
+    const scalar_t *ip = identity.data_ptr<scalar_t>(),
+                   *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for_rank_chunks<scalar_t>(z, weight, maps, [&](int64_t r, int64_t i0,
+                                                   int64_t len,
+                                                   const scalar_t* u) {
+      const scalar_t a = scp[r % channels], s = shp[r % channels],
+                     *ir = ip + r * n + i0;
+      scalar_t* orow = op + r * n + i0;
+      _Pragma("omp simd")
+      for (int64_t i = 0; i < len; ++i) {
+        const scalar_t v = ir[i] + (u[i] * a + s);
+        orow[i] = v > scalar_t(0) ? v : scalar_t(0);
       }
     });
   });
-  return z;
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -809,5 +860,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pooled_dot", &pooled_dot);
   m.def("scale_shift_relu_few_maps", &scale_shift_relu_few_maps);
   m.def("few_maps_product_backward", &few_maps_product_backward);
-  m.def("rank_scale_shift_add_relu_", &rank_scale_shift_add_relu_);
+  m.def("rank_row_moments", &rank_row_moments);
+  m.def("rank_scale_shift_add_relu", &rank_scale_shift_add_relu);
 }
