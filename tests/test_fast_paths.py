@@ -769,6 +769,99 @@ def test_rank_tail_equals_the_plain_ops(dtype, shape):
         ops.rank_row_moments(z, weight, maps[:, :2])
 
 
+def test_sb_resnet_training_skips_the_concatenation_exactly():
+    """SB-ResNet training (SBBottleneck.forward_train): bn2 on conv2's map
+    and on the bias maps apart, conv3 at ResNet's width and bn3 of it plus
+    the bias maps' rank-k term with the add and the ReLU as one function
+    give the upstream forward's outputs, the gradients of the input and of
+    every parameter, and the running statistics (momentum and cumulative)
+    and batch counts, at two sizes and batch 1 (float64); activation
+    checkpointing, SyncBN and a hooked bn3 take the upstream forward;
+    second derivatives are autograd's."""
+    import copy
+
+    from torch.autograd import gradgradcheck
+
+    from mmctx.models import SBResNet, norm_rank
+    from mmctx.models.backbones.sb_resnet import SBBottleneck
+    torch.manual_seed(0)
+    fast = SBResNet(depth=50, stage_with_sb=(True, True), base_channels=16,
+                    num_stages=2, out_indices=(0, 1), strides=(1, 2),
+                    dilations=(1, 1), norm_eval=False)
+    fast.init_weights()
+    _randomise_backbone(fast)
+    fast.layer1[0].norm2.momentum = fast.layer2[1].norm3.momentum = None
+    fast.double().train()
+    plain = copy.deepcopy(fast)
+    trained, fused = [], []
+    real_train, real_tail = SBBottleneck.forward_train, \
+        norm_rank.rank_norm_add_relu
+
+    def counted(block, x):
+        trained.append(block)
+        return real_train(block, x)
+
+    def counted_tail(*args):
+        fused.append(args)
+        return real_tail(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SBBottleneck, 'forward_train', counted)
+        patch.setattr(norm_rank, 'rank_norm_add_relu', counted_tail)
+        for shape in [(2, 3, 64, 48), (1, 3, 40, 72)]:
+            x = torch.randn(shape, dtype=torch.float64)
+            trained.clear()
+            fused.clear()
+            outs, grads = backbone_grads(fast, x)
+            assert len(trained) == len(fused) == 7  # every SB block
+            with pytest.MonkeyPatch.context() as upstream:
+                upstream.setattr(SBBottleneck, '_training_applies',
+                                 lambda block, x: False)
+                ref_outs, ref_grads = backbone_grads(plain, x)
+            for f, r in zip(outs + grads, ref_outs + ref_grads):
+                torch.testing.assert_close(f, r, rtol=1e-9, atol=1e-9)
+            for (name, f), r in zip(fast.state_dict().items(),
+                                    plain.state_dict().values()):
+                torch.testing.assert_close(f, r, rtol=1e-9, atol=1e-9,
+                                           msg=name)
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        block = fast.layer1[1]
+        for case in ('with_cp', 'SyncBN', 'hook'):
+            trained.clear()
+            if case == 'with_cp':
+                block.with_cp = True
+                fast(x)
+                block.with_cp = False
+            elif case == 'SyncBN':
+                norm3 = block.norm3
+                sync = torch.nn.SyncBatchNorm(norm3.num_features).double()
+                block.add_module(block.norm3_name, sync)
+                fast(x)
+                block.add_module(block.norm3_name, norm3)
+            else:
+                handle = block.norm3.register_forward_hook(
+                    lambda m, i, o: None)
+                fast(x)
+                handle.remove()
+            # only the changed block runs upstream's
+            assert len(trained) == 6 and block not in trained, case
+
+    # second derivatives through the fused tail
+    norm = torch.nn.BatchNorm2d(4, track_running_stats=False).double()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    z, identity = leaf(2, 4, 3, 3), leaf(2, 4, 3, 3)
+    maps, rank = leaf(2, 2, 3, 3).detach().abs().requires_grad_(), leaf(4, 2)
+    assert norm_rank.applies(norm, z, identity, maps, norm)
+    assert gradgradcheck(
+        lambda *t: norm_rank.rank_norm_add_relu(*t, norm),
+        (z, maps, rank, identity))
+
+
 def backbone_grads(net, x):
     """module_grads for a backbone's tuple of stage outputs."""
     net.double().zero_grad()

@@ -8,8 +8,9 @@ from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import norm_rank
 from ..spatial_bias import SpatialBias
-from ..norm_gate import kernels
+from ..norm_gate import kernels, running_statistics
 from ..utils import (PointwiseConv2d, build_pointwise_conv, check_choice,
                      check_int, check_positive_int, check_stage_flags,
                      few_maps_applies, gemm_applies, hooked, pointwise_conv,
@@ -85,24 +86,22 @@ class SBBottleneck(Bottleneck):
     def _join_spatial_bias(self, conv2, inputs, output):
         return self.spatial_bias(inputs[0], output)
 
-    def _inference_applies(self, x):
-        """Whether :meth:`forward_inference` may replace the upstream
-        forward: eager inference on a contiguous float map (no autograd,
-        autocast, tracing) through eval BatchNorms, a plain conv3 and no
+    def _bypass_applies(self, x):
+        """Whether a forward of this class may replace the upstream one:
+        eager code (no autocast, tracing) on a contiguous float map, the
+        paper's concatenation, affine BatchNorms, a plain conv3 and no
         plugins or hooks of others on the layers it bypasses."""
-        if self.training or torch.is_grad_enabled() or self.with_plugins \
-                or self.spatial_bias.fusion != 'concat' \
+        if self.with_plugins or self.spatial_bias.fusion != 'concat' \
                 or not x.is_contiguous() or not x.is_floating_point() \
                 or torch.is_autocast_enabled(x.device.type) \
                 or size_generic_path(x) or torch.jit.is_tracing():
             return False
-        norms = (self.norm2, self.norm3)
         conv2_hooks = self.conv2._forward_hooks
         # (a frozen stage's bn2 and conv3 compose their split tensors in a
-        # hook; forward_inference does that itself)
-        return (all(isinstance(norm, _BatchNorm) and not norm.training
-                    and norm.affine and norm.running_mean is not None
-                    and only_composes(norm) for norm in norms)
+        # hook; the forwards here do that themselves)
+        return (all(isinstance(norm, _BatchNorm) and norm.affine
+                    and only_composes(norm)
+                    for norm in (self.norm2, self.norm3))
                 and type(self.conv3) in (nn.Conv2d, PointwiseConv2d)
                 and self.conv3.bias is None and self.conv3.groups == 1
                 and only_composes(self.conv3)
@@ -111,6 +110,29 @@ class SBBottleneck(Bottleneck):
                 and len(conv2_hooks) == 1
                 and getattr(next(iter(conv2_hooks.values())), '__func__',
                             None) is SBBottleneck._join_spatial_bias)
+
+    def _inference_applies(self, x):
+        """Whether :meth:`forward_inference` may replace the upstream
+        forward: inference (eval mode, no autograd) through eval
+        BatchNorms, where :meth:`_bypass_applies`."""
+        return (not self.training and not torch.is_grad_enabled()
+                and all(not norm.training and norm.running_mean is not None
+                        for norm in (self.norm2, self.norm3))
+                and self._bypass_applies(x))
+
+    def _training_applies(self, x):
+        """Whether :meth:`forward_train` may replace the upstream forward:
+        a training block without activation checkpointing, through
+        training-mode ``nn.BatchNorm2d`` bn2 and bn3 (batch statistics;
+        SyncBN and frozen norms take the upstream forward), on float CPU
+        maps with the loops compiled, where :meth:`_bypass_applies`."""
+        return (self.training and not self.with_cp
+                and x.device.type == 'cpu'
+                and x.dtype in (torch.float32, torch.float64)
+                and all(type(norm) is nn.BatchNorm2d and norm.training
+                        and norm.weight.dtype == x.dtype
+                        for norm in (self.norm2, self.norm3))
+                and kernels() is not None and self._bypass_applies(x))
 
     def _squeeze_fuses(self, out):
         """Whether :meth:`forward_inference` may run bn1, the ReLU and the
@@ -131,7 +153,42 @@ class SBBottleneck(Bottleneck):
     def forward(self, x):
         if self._inference_applies(x):
             return self.forward_inference(x)
+        if self._training_applies(x):
+            return self.forward_train(x)
         return super().forward(x)
+
+    def forward_train(self, x):
+        """The upstream forward in training, without the concatenation:
+        bn2 on conv2's map and on the bias maps separately (its statistics
+        are per channel), conv3 on conv2's channels, then bn3 of that plus
+        the bias maps' rank-k term, the residual add and the ReLU as one
+        function (:mod:`mmctx.models.norm_rank`); call where
+        :meth:`_training_applies`."""
+        out = self.relu(self.norm1(self.conv1(x)))
+        main = self.conv2.forward(out)  # the forward without the join hook
+        bias = self.spatial_bias.spatial_bias(out, main.shape[-2:])
+        norm2, planes = self.norm2, self.planes
+        for layer in (norm2, self.conv3):
+            compose(layer)
+        running_mean, running_var, factor = running_statistics(norm2)
+        parts = []
+        for maps, part in ((main, slice(None, planes)),
+                           (bias, slice(planes, None))):
+            stats = (None, None) if running_mean is None else (
+                running_mean[part], running_var[part])
+            parts.append(self.relu(F.batch_norm(
+                maps, *stats, norm2.weight[part], norm2.bias[part], True,
+                factor, norm2.eps)))
+        main, bias = parts
+        out = pointwise_conv(self.conv3.weight[:, :planes], main)
+        identity = x if self.downsample is None else self.downsample(x)
+        rank_weight = self.conv3.weight[:, planes:].flatten(1)
+        if norm_rank.applies(self.norm3, out, identity, bias,
+                             self.spatial_bias):
+            return norm_rank.rank_norm_add_relu(out, bias, rank_weight,
+                                                identity, self.norm3)
+        out = out + torch.einsum('ck,bkhw->bchw', rank_weight, bias)
+        return self.relu(self.norm3(out) + identity)
 
     def forward_inference(self, x):
         """The upstream forward in inference, without the concatenation

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace {
 
@@ -754,34 +755,31 @@ void check_rank(const torch::Tensor& weight, const torch::Tensor& maps,
               "maps must be a contiguous CPU (B, k, H, W) tensor for z");
 }
 
-// Calls f(row, i0, i1, u) for each row of u = z + weight @ maps a chunk of
-// pixels [i0, i1) at a time, u holding the chunk's values.
-template <typename scalar_t, typename F>
-void for_rank_chunks(const torch::Tensor& z, const torch::Tensor& weight,
-                     const torch::Tensor& maps, F f) {
-  const int64_t channels = z.size(1), rows = z.size(0) * channels,
-                n = z.numel() / rows, k = weight.size(1);
-  auto w = weight.contiguous();
-  const scalar_t *zp = z.data_ptr<scalar_t>(), *mp = maps.data_ptr<scalar_t>(),
-                 *wp = w.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-    scalar_t u[kChunk];
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t *zr = zp + r * n, *mb = mp + (r / channels) * k * n,
-                     *wr = wp + (r % channels) * k;
-      for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-        const int64_t len = std::min(n - i0, kChunk);
-        _Pragma("omp simd")
-        for (int64_t i = 0; i < len; ++i) u[i] = zr[i0 + i];
-        for (int64_t j = 0; j < k; ++j) {
-          const scalar_t wj = wr[j], *mr = mb + j * n + i0;
-          _Pragma("omp simd")
-          for (int64_t i = 0; i < len; ++i) u[i] += wj * mr[i];
-        }
-        f(r, i0, len, u);
-      }
-    }
-  });
+// u's value at pixel i of a row: z's plus sum_j w[j] * maps[j * n + i]
+// (the row's image's maps). K > 0 fixes k at compile time, so that the sum
+// unrolls inside the vectorised pixel loops; K = 0 takes k at run time.
+template <int K, typename scalar_t>
+inline scalar_t rank_at(const scalar_t* zr, const scalar_t* mb,
+                        const scalar_t* w, int64_t n, int64_t k, int64_t i) {
+  scalar_t v = zr[i];
+  const int64_t kk = K > 0 ? K : k;
+  for (int64_t j = 0; j < kk; ++j) v += w[j] * mb[j * n + i];
+  return v;
+}
+
+// f(std::integral_constant<int, K>) with K = k for k up to 6 (the paper's
+// range), else K = 0.
+template <typename F>
+void dispatch_rank(int64_t k, F f) {
+  switch (k) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    default: f(std::integral_constant<int, 0>());
+  }
 }
 
 // Per row of u: its sum and its sum of squares, (B, C) in double.
@@ -789,23 +787,39 @@ std::vector<torch::Tensor> rank_row_moments(torch::Tensor z,
                                             torch::Tensor weight,
                                             torch::Tensor maps) {
   check_rank(weight, maps, z);
+  const int64_t channels = z.size(1), rows = z.size(0) * channels,
+                n = z.numel() / rows, k = weight.size(1);
   auto opts = z.options().dtype(torch::kFloat64);
-  auto sums = torch::zeros({z.size(0), z.size(1)}, opts);
-  auto squares = torch::zeros({z.size(0), z.size(1)}, opts);
+  auto sums = torch::empty({z.size(0), channels}, opts);
+  auto squares = torch::empty({z.size(0), channels}, opts);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rank_row_moments", [&] {
+    auto w = weight.contiguous();
+    const scalar_t *zp = z.data_ptr<scalar_t>(), *mp = maps.data_ptr<scalar_t>(),
+                   *wp = w.data_ptr<scalar_t>();
     double *s1 = sums.data_ptr<double>(), *s2 = squares.data_ptr<double>();
-    for_rank_chunks<scalar_t>(z, weight, maps, [&](int64_t r, int64_t,
-                                                   int64_t len,
-                                                   const scalar_t* u) {
-      double a = 0, b = 0;
-      _Pragma("omp simd reduction(+ : a, b)")
-      for (int64_t i = 0; i < len; ++i) {
-        const double v = u[i];
-        a += v;
-        b += v * v;
-      }
-      s1[r] += a;
-      s2[r] += b;
+    dispatch_rank(k, [&](auto rank) {
+      constexpr int K = decltype(rank)::value;
+      at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t *zr = zp + r * n, *mb = mp + (r / channels) * k * n,
+                         *wr = wp + (r % channels) * k;
+          double a = 0, b = 0;
+          for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+            const int64_t c1 = std::min(n, c0 + kChunk);
+            scalar_t ca = 0, cb = 0;
+            _Pragma("omp simd reduction(+ : ca, cb)")
+            for (int64_t i = c0; i < c1; ++i) {
+              const scalar_t v = rank_at<K>(zr, mb, wr, n, k, i);
+              ca += v;
+              cb += v * v;
+            }
+            a += ca;
+            b += cb;
+          }
+          s1[r] = a;
+          s2[r] = b;
+        }
+      });
     });
   });
   return {sums, squares};
@@ -824,27 +838,164 @@ torch::Tensor rank_scale_shift_add_relu(torch::Tensor z,
   check_rank(weight, maps, z);
   check_map(identity, z, "identity");
   check_map(out, z, "out");
-  const int64_t channels = z.size(1), n = z.numel() / z.size(0) / channels;
+  const int64_t channels = z.size(1), rows = z.size(0) * channels,
+                n = z.numel() / rows, k = weight.size(1);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rank_scale_shift_add_relu",
                              [&] {
-    auto sc = values_like(scale, z), sh = values_like(shift, z);
-    const scalar_t *ip = identity.data_ptr<scalar_t>(),
+    auto sc = values_like(scale, z), sh = values_like(shift, z),
+         w = weight.contiguous();
+    const scalar_t *zp = z.data_ptr<scalar_t>(), *mp = maps.data_ptr<scalar_t>(),
+                   *wp = w.data_ptr<scalar_t>(), *ip = identity.data_ptr<scalar_t>(),
                    *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    for_rank_chunks<scalar_t>(z, weight, maps, [&](int64_t r, int64_t i0,
-                                                   int64_t len,
-                                                   const scalar_t* u) {
-      const scalar_t a = scp[r % channels], s = shp[r % channels],
-                     *ir = ip + r * n + i0;
-      scalar_t* orow = op + r * n + i0;
-      _Pragma("omp simd")
-      for (int64_t i = 0; i < len; ++i) {
-        const scalar_t v = ir[i] + (u[i] * a + s);
-        orow[i] = v > scalar_t(0) ? v : scalar_t(0);
-      }
+    dispatch_rank(k, [&](auto rank) {
+      constexpr int K = decltype(rank)::value;
+      at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t c = r % channels;
+          const scalar_t *zr = zp + r * n, *mb = mp + (r / channels) * k * n,
+                         *wr = wp + c * k, *ir = ip + r * n;
+          scalar_t* orow = op + r * n;  // may be zr: each value read first
+          const scalar_t a = scp[c], s0 = shp[c];
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < n; ++i) {
+            const scalar_t v = ir[i] + (rank_at<K>(zr, mb, wr, n, k, i) * a + s0);
+            orow[i] = v > scalar_t(0) ? v : scalar_t(0);
+          }
+        }
+      });
     });
   });
   return out;
+}
+
+// The backward's first pass over u = z + weight @ maps: ReLU's backward,
+// masked = grad * (out > 0), written out (it is the identity's gradient),
+// and per row (double) its sum, its dot product with u, and for each map
+// j the dot products of maps[b, j] with masked and with u.
+std::vector<torch::Tensor> rank_relu_grad_moments(torch::Tensor grad,
+                                                  torch::Tensor out,
+                                                  torch::Tensor z,
+                                                  torch::Tensor weight,
+                                                  torch::Tensor maps) {
+  check_rank(weight, maps, z);
+  check_map(grad, z, "grad");
+  check_map(out, z, "out");
+  const int64_t batch = z.size(0), channels = z.size(1), k = weight.size(1),
+                rows = batch * channels, n = z.numel() / rows;
+  auto masked = torch::empty_like(z);
+  auto opts = z.options().dtype(torch::kFloat64);
+  auto sums = torch::empty({batch, channels}, opts);
+  auto dots = torch::empty({batch, channels}, opts);
+  auto map_dots = torch::zeros({batch, channels, k}, opts);
+  auto u_map_dots = torch::zeros({batch, channels, k}, opts);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rank_relu_grad_moments", [&] {
+    auto w = weight.contiguous();
+    const scalar_t *gp = grad.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>(),
+                   *zp = z.data_ptr<scalar_t>(), *mp = maps.data_ptr<scalar_t>(),
+                   *wp = w.data_ptr<scalar_t>();
+    scalar_t* gm = masked.data_ptr<scalar_t>();
+    double *s1 = sums.data_ptr<double>(), *s2 = dots.data_ptr<double>(),
+           *s3 = map_dots.data_ptr<double>(), *s4 = u_map_dots.data_ptr<double>();
+    dispatch_rank(k, [&](auto rank) {
+      constexpr int K = decltype(rank)::value;
+      at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+        scalar_t u[kChunk];
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t *gr = gp + r * n, *orow = op + r * n, *zr = zp + r * n,
+                         *mb = mp + (r / channels) * k * n,
+                         *wr = wp + (r % channels) * k;
+          scalar_t* mr = gm + r * n;
+          double a = 0, b = 0;
+          for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+            const int64_t c1 = std::min(n, c0 + kChunk);
+            scalar_t ca = 0, cb = 0;
+            _Pragma("omp simd reduction(+ : ca, cb)")
+            for (int64_t i = c0; i < c1; ++i) {
+              const scalar_t v = orow[i] > scalar_t(0) ? gr[i] : scalar_t(0);
+              const scalar_t uv = rank_at<K>(zr, mb, wr, n, k, i);
+              mr[i] = v;
+              u[i - c0] = uv;
+              ca += v;
+              cb += v * uv;
+            }
+            a += ca;
+            b += cb;
+            for (int64_t j = 0; j < k; ++j) {
+              const scalar_t* mj = mb + j * n;
+              scalar_t cc = 0, cd = 0;
+              _Pragma("omp simd reduction(+ : cc, cd)")
+              for (int64_t i = c0; i < c1; ++i) {
+                cc += mr[i] * mj[i];
+                cd += u[i - c0] * mj[i];
+              }
+              s3[r * k + j] += cc;
+              s4[r * k + j] += cd;
+            }
+          }
+          s1[r] = a;
+          s2[r] = b;
+        }
+      });
+    });
+  });
+  return {masked, sums, dots, map_dots, u_map_dots};
+}
+
+// The backward's second pass: u's gradient, grad_scale[r] * masked +
+// u_scale[c] * u + shift[r] per row r (channel c), and the maps' gradient,
+// sum over channels c of weight[c, j] times it, per image and pixel.
+std::vector<torch::Tensor> rank_combine(torch::Tensor masked, torch::Tensor z,
+                                        torch::Tensor weight,
+                                        torch::Tensor maps,
+                                        torch::Tensor grad_scale,
+                                        torch::Tensor u_scale,
+                                        torch::Tensor shift) {
+  check_rank(weight, maps, z);
+  check_map(masked, z, "masked");
+  const int64_t batch = z.size(0), channels = z.size(1), k = weight.size(1),
+                n = z.numel() / batch / channels;
+  auto grad_u = torch::empty_like(z);
+  auto grad_maps = torch::empty_like(maps);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rank_combine", [&] {
+    auto gs = values_like(grad_scale, z), us = values_like(u_scale, z),
+         sh = values_like(shift, z), w = weight.contiguous();
+    const scalar_t *gp = masked.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>(),
+                   *mp = maps.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>(),
+                   *gsp = gs.data_ptr<scalar_t>(), *usp = us.data_ptr<scalar_t>(),
+                   *shp = sh.data_ptr<scalar_t>();
+    scalar_t *rp = grad_u.data_ptr<scalar_t>(), *gmp = grad_maps.data_ptr<scalar_t>();
+    for_pixel_chunks(batch, n, [&](int64_t b, int64_t, int64_t i0, int64_t i1) {
+      const int64_t len = i1 - i0;
+      scalar_t* gmb = gmp + b * k * n + i0;
+      for (int64_t j = 0; j < k; ++j)
+        std::fill(gmb + j * n, gmb + j * n + len, scalar_t(0));
+      scalar_t g[kChunk];
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t r = b * channels + c;
+        const scalar_t *zr = zp + r * n, *gr = gp + r * n + i0,
+                       *wr = wp + c * k;
+        scalar_t* rr = rp + r * n + i0;
+        const scalar_t a = gsp[r], bu = usp[c], s0 = shp[r];
+        dispatch_rank(k, [&](auto rank) {
+          constexpr int K = decltype(rank)::value;
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < len; ++i) {
+            g[i] = a * gr[i] +
+                   bu * rank_at<K>(zr, mp + b * k * n, wr, n, k, i0 + i) + s0;
+            rr[i] = g[i];
+          }
+        });
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t wj = wr[j];
+          scalar_t* gmj = gmb + j * n;
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < len; ++i) gmj[i] += wj * g[i];
+        }
+      }
+    });
+  });
+  return {grad_u, grad_maps};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -862,4 +1013,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_maps_product_backward", &few_maps_product_backward);
   m.def("rank_row_moments", &rank_row_moments);
   m.def("rank_scale_shift_add_relu", &rank_scale_shift_add_relu);
+  m.def("rank_relu_grad_moments", &rank_relu_grad_moments);
+  m.def("rank_combine", &rank_combine);
 }
