@@ -15,10 +15,10 @@ rank-k term ``W @ maps`` (k = 3) is never written out. The forward reads
 (``csrc/norm_gate.cpp``); the plain ops write the concatenation, conv3's
 output, bn3's, the sum and the ReLU's. The backward makes two passes, as
 Gather-Excite's tail does (:mod:`mmctx.models.norm_gate`): ReLU's mask
-with the rows' sums (of the mask, of its products with ``u`` and with
-each map, and of ``u``'s with each map), then ``u``'s gradient as ``α grad
-+ β u + γ`` per row with the maps' gradient (a sum over channels per
-pixel) in the same pass; ``W``'s gradient comes from the rows' sums. Results equal the plain ops' up to float
+with the rows' sums (of the mask and of its product with ``u``), then
+``u``'s gradient as ``α grad + β u + γ`` per row, with the maps' gradient
+(a sum over channels per pixel) and ``W``'s (a sum over pixels per
+channel) in the same pass. Results equal the plain ops' up to float
 rounding, and so do the running statistics and second derivatives
 (``tests/test_fast_paths.py``).
 """
@@ -61,24 +61,17 @@ class _RankNormAddReLU(torch.autograd.Function):
         mean, invstd, scale = ctx.moments
         batch, _, height, width = z.shape
         count = batch * height * width
-        (masked, grad_sums, grad_dots, map_dots,
-         u_map_dots) = ctx.ops.rank_relu_grad_moments(
-             grad.contiguous(), out, z, rank_weight, maps)
+        masked, grad_sums, grad_dots = ctx.ops.rank_relu_grad_moments(
+            grad.contiguous(), out, z, rank_weight, maps)
         # BatchNorm's backward: u's gradient is scale * masked - u_scale * u
         # + shift_u per row
         grad_bias = grad_sums.sum(0)
         grad_centred = (grad_dots - mean * grad_sums).sum(0)
         u_scale = scale * invstd.square() * grad_centred / count
         shift_u = u_scale * mean - scale * grad_bias / count
-        grad_scale = scale.expand(batch, -1)
-        shift_u = shift_u.expand(batch, -1)
-        grad_u, grad_maps = ctx.ops.rank_combine(
-            masked, z, rank_weight, maps, grad_scale, -u_scale, shift_u)
-        # W's gradient, Σ_{b, pixels} grad_u · maps_j, from the rows' sums
-        grad_rank = (grad_scale[..., None] * map_dots
-                     - u_scale[:, None] * u_map_dots
-                     + shift_u[..., None] * maps.sum(
-                         (2, 3), dtype=torch.float64)[:, None]).sum(0)
+        grad_u, grad_maps, grad_rank = ctx.ops.rank_combine(
+            masked, z, rank_weight, maps, scale.expand(batch, -1), -u_scale,
+            shift_u.expand(batch, -1))
         return (grad_u, grad_maps, grad_rank.to(rank_weight.dtype), masked,
                 (grad_centred * invstd).to(weight.dtype),
                 grad_bias.to(bias.dtype)) + (None, ) * 5

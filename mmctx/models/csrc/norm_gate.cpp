@@ -871,8 +871,7 @@ torch::Tensor rank_scale_shift_add_relu(torch::Tensor z,
 
 // The backward's first pass over u = z + weight @ maps: ReLU's backward,
 // masked = grad * (out > 0), written out (it is the identity's gradient),
-// and per row (double) its sum, its dot product with u, and for each map
-// j the dot products of maps[b, j] with masked and with u.
+// and per row (double) its sum and its dot product with u.
 std::vector<torch::Tensor> rank_relu_grad_moments(torch::Tensor grad,
                                                   torch::Tensor out,
                                                   torch::Tensor z,
@@ -887,20 +886,16 @@ std::vector<torch::Tensor> rank_relu_grad_moments(torch::Tensor grad,
   auto opts = z.options().dtype(torch::kFloat64);
   auto sums = torch::empty({batch, channels}, opts);
   auto dots = torch::empty({batch, channels}, opts);
-  auto map_dots = torch::zeros({batch, channels, k}, opts);
-  auto u_map_dots = torch::zeros({batch, channels, k}, opts);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rank_relu_grad_moments", [&] {
     auto w = weight.contiguous();
     const scalar_t *gp = grad.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>(),
                    *zp = z.data_ptr<scalar_t>(), *mp = maps.data_ptr<scalar_t>(),
                    *wp = w.data_ptr<scalar_t>();
     scalar_t* gm = masked.data_ptr<scalar_t>();
-    double *s1 = sums.data_ptr<double>(), *s2 = dots.data_ptr<double>(),
-           *s3 = map_dots.data_ptr<double>(), *s4 = u_map_dots.data_ptr<double>();
+    double *s1 = sums.data_ptr<double>(), *s2 = dots.data_ptr<double>();
     dispatch_rank(k, [&](auto rank) {
       constexpr int K = decltype(rank)::value;
       at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-        scalar_t u[kChunk];
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t *gr = gp + r * n, *orow = op + r * n, *zr = zp + r * n,
                          *mb = mp + (r / channels) * k * n,
@@ -913,25 +908,12 @@ std::vector<torch::Tensor> rank_relu_grad_moments(torch::Tensor grad,
             _Pragma("omp simd reduction(+ : ca, cb)")
             for (int64_t i = c0; i < c1; ++i) {
               const scalar_t v = orow[i] > scalar_t(0) ? gr[i] : scalar_t(0);
-              const scalar_t uv = rank_at<K>(zr, mb, wr, n, k, i);
               mr[i] = v;
-              u[i - c0] = uv;
               ca += v;
-              cb += v * uv;
+              cb += v * rank_at<K>(zr, mb, wr, n, k, i);
             }
             a += ca;
             b += cb;
-            for (int64_t j = 0; j < k; ++j) {
-              const scalar_t* mj = mb + j * n;
-              scalar_t cc = 0, cd = 0;
-              _Pragma("omp simd reduction(+ : cc, cd)")
-              for (int64_t i = c0; i < c1; ++i) {
-                cc += mr[i] * mj[i];
-                cd += u[i - c0] * mj[i];
-              }
-              s3[r * k + j] += cc;
-              s4[r * k + j] += cd;
-            }
           }
           s1[r] = a;
           s2[r] = b;
@@ -939,12 +921,14 @@ std::vector<torch::Tensor> rank_relu_grad_moments(torch::Tensor grad,
       });
     });
   });
-  return {masked, sums, dots, map_dots, u_map_dots};
+  return {masked, sums, dots};
 }
 
-// The backward's second pass: u's gradient, grad_scale[r] * masked +
-// u_scale[c] * u + shift[r] per row r (channel c), and the maps' gradient,
-// sum over channels c of weight[c, j] times it, per image and pixel.
+// The backward's second pass: u's gradient, g = grad_scale[r] * masked +
+// u_scale[c] * u + shift[r] per row r (channel c); the maps' gradient, per
+// image and pixel the sum over channels c of weight[c, j] * g; and
+// weight's, (C, k) in double, per channel the sum over images and pixels
+// of g * maps[b, j].
 std::vector<torch::Tensor> rank_combine(torch::Tensor masked, torch::Tensor z,
                                         torch::Tensor weight,
                                         torch::Tensor maps,
@@ -957,6 +941,10 @@ std::vector<torch::Tensor> rank_combine(torch::Tensor masked, torch::Tensor z,
                 n = z.numel() / batch / channels;
   auto grad_u = torch::empty_like(z);
   auto grad_maps = torch::empty_like(maps);
+  // per thread, summed at the end: the tasks of all threads touch every
+  // channel
+  auto partial = torch::zeros({at::get_num_threads(), channels, k},
+                              z.options().dtype(torch::kFloat64));
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rank_combine", [&] {
     auto gs = values_like(grad_scale, z), us = values_like(u_scale, z),
          sh = values_like(shift, z), w = weight.contiguous();
@@ -965,37 +953,45 @@ std::vector<torch::Tensor> rank_combine(torch::Tensor masked, torch::Tensor z,
                    *gsp = gs.data_ptr<scalar_t>(), *usp = us.data_ptr<scalar_t>(),
                    *shp = sh.data_ptr<scalar_t>();
     scalar_t *rp = grad_u.data_ptr<scalar_t>(), *gmp = grad_maps.data_ptr<scalar_t>();
-    for_pixel_chunks(batch, n, [&](int64_t b, int64_t, int64_t i0, int64_t i1) {
-      const int64_t len = i1 - i0;
-      scalar_t* gmb = gmp + b * k * n + i0;
-      for (int64_t j = 0; j < k; ++j)
-        std::fill(gmb + j * n, gmb + j * n + len, scalar_t(0));
-      scalar_t g[kChunk];
-      for (int64_t c = 0; c < channels; ++c) {
-        const int64_t r = b * channels + c;
-        const scalar_t *zr = zp + r * n, *gr = gp + r * n + i0,
-                       *wr = wp + c * k;
-        scalar_t* rr = rp + r * n + i0;
-        const scalar_t a = gsp[r], bu = usp[c], s0 = shp[r];
-        dispatch_rank(k, [&](auto rank) {
-          constexpr int K = decltype(rank)::value;
+    double* pp = partial.data_ptr<double>();
+    dispatch_rank(k, [&](auto rank) {
+      constexpr int K = decltype(rank)::value;
+      for_pixel_chunks(batch, n, [&](int64_t b, int64_t, int64_t i0,
+                                     int64_t i1) {
+        const int64_t len = i1 - i0;
+        const scalar_t* mb = mp + b * k * n;
+        scalar_t* gmb = gmp + b * k * n + i0;
+        double* pt = pp + at::get_thread_num() * channels * k;
+        for (int64_t j = 0; j < k; ++j)
+          std::fill(gmb + j * n, gmb + j * n + len, scalar_t(0));
+        scalar_t g[kChunk];
+        for (int64_t c = 0; c < channels; ++c) {
+          const int64_t r = b * channels + c;
+          const scalar_t *zr = zp + r * n, *gr = gp + r * n + i0,
+                         *wr = wp + c * k;
+          scalar_t* rr = rp + r * n + i0;
+          const scalar_t a = gsp[r], bu = usp[c], s0 = shp[r];
           _Pragma("omp simd")
           for (int64_t i = 0; i < len; ++i) {
-            g[i] = a * gr[i] +
-                   bu * rank_at<K>(zr, mp + b * k * n, wr, n, k, i0 + i) + s0;
+            g[i] = a * gr[i] + bu * rank_at<K>(zr, mb, wr, n, k, i0 + i) + s0;
             rr[i] = g[i];
           }
-        });
-        for (int64_t j = 0; j < k; ++j) {
-          const scalar_t wj = wr[j];
-          scalar_t* gmj = gmb + j * n;
-          _Pragma("omp simd")
-          for (int64_t i = 0; i < len; ++i) gmj[i] += wj * g[i];
+          for (int64_t j = 0; j < k; ++j) {
+            const scalar_t wj = wr[j], *mj = mb + j * n + i0;
+            scalar_t* gmj = gmb + j * n;
+            scalar_t d = 0;
+            _Pragma("omp simd reduction(+ : d)")
+            for (int64_t i = 0; i < len; ++i) {
+              gmj[i] += wj * g[i];
+              d += g[i] * mj[i];
+            }
+            pt[c * k + j] += d;
+          }
         }
-      }
+      });
     });
   });
-  return {grad_u, grad_maps};
+  return {grad_u, grad_maps, partial.sum(0)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
