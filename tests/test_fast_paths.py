@@ -769,13 +769,15 @@ def test_rank_tail_equals_the_plain_ops(dtype, shape):
         ops.rank_row_moments(z, weight, maps[:, :2])
 
 
-def test_sb_resnet_training_skips_the_concatenation_exactly():
+@pytest.mark.parametrize('norm_eval', [False, True])
+def test_sb_resnet_training_skips_the_concatenation_exactly(norm_eval):
     """SB-ResNet training (SBBottleneck.forward_train): bn2 on conv2's map
     and on the bias maps apart, conv3 at ResNet's width and bn3 of it plus
     the bias maps' rank-k term with the add and the ReLU as one function
     give the upstream forward's outputs, the gradients of the input and of
     every parameter, and the running statistics (momentum and cumulative)
-    and batch counts, at two sizes and batch 1 (float64); activation
+    and batch counts, at two sizes and batch 1 (float64), with training
+    norms and with frozen ones (``norm_eval=True``); activation
     checkpointing, SyncBN and a hooked bn3 take the upstream forward;
     second derivatives are autograd's."""
     import copy
@@ -787,7 +789,7 @@ def test_sb_resnet_training_skips_the_concatenation_exactly():
     torch.manual_seed(0)
     fast = SBResNet(depth=50, stage_with_sb=(True, True), base_channels=16,
                     num_stages=2, out_indices=(0, 1), strides=(1, 2),
-                    dilations=(1, 1), norm_eval=False)
+                    dilations=(1, 1), norm_eval=norm_eval)
     fast.init_weights()
     _randomise_backbone(fast)
     fast.layer1[0].norm2.momentum = fast.layer2[1].norm3.momentum = None
@@ -836,8 +838,11 @@ def test_sb_resnet_training_skips_the_concatenation_exactly():
                 norm3 = block.norm3
                 sync = torch.nn.SyncBatchNorm(norm3.num_features).double()
                 block.add_module(block.norm3_name, sync)
+                fast.train()  # norm_eval: SyncBN in eval mode is fused
+                sync.train()
                 fast(x)
                 block.add_module(block.norm3_name, norm3)
+                fast.train()
             else:
                 handle = block.norm3.register_forward_hook(
                     lambda m, i, o: None)
@@ -847,9 +852,13 @@ def test_sb_resnet_training_skips_the_concatenation_exactly():
             assert len(trained) == 6 and block not in trained, case
 
     # second derivatives through the fused tail
-    norm = torch.nn.BatchNorm2d(4, track_running_stats=False).double()
+    norm = torch.nn.BatchNorm2d(4, track_running_stats=norm_eval).double()
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
+    if norm_eval:
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2)
+        norm.eval()
 
     def leaf(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)

@@ -2,7 +2,8 @@
 ``relu(identity + bn3(z + W @ maps))``, where ``z`` is conv3 of conv2's
 channels, ``maps`` the k bias maps after bn2 and the ReLU, ``W`` conv3's
 columns for them, and bn3 a training-mode BatchNorm (batch statistics,
-running statistics updated).
+running statistics updated) or, in a network trained with frozen norms
+(``norm_eval=True``, the detection setting), an eval-mode one.
 
 It is conv3 of the concatenation ``[conv2's map, bias maps]`` followed by
 bn3, the residual add and the ReLU (SB's block as published), without the
@@ -23,9 +24,11 @@ rounding, and so do the running statistics and second derivatives
 (``tests/test_fast_paths.py``).
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .norm_gate import (kernels, running_statistics, tail_maps_apply,
+from .norm_gate import (_tail_maps, kernels, running_statistics,
                         update_running_statistics)
 
 
@@ -33,23 +36,27 @@ class _RankNormAddReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, maps, rank_weight, identity, weight, bias,
-                running_mean, running_var, factor, eps, ops):
+                running_mean, running_var, factor, eps, batch_stats, ops):
         batch, _, height, width = z.shape
         count = batch * height * width
-        sums, squares = ops.rank_row_moments(z, rank_weight, maps)
-        mean = sums.sum(0) / count
-        var = (squares.sum(0) / count - mean.square()).clamp_min(0)
+        if batch_stats:
+            sums, squares = ops.rank_row_moments(z, rank_weight, maps)
+            mean = sums.sum(0) / count
+            var = (squares.sum(0) / count - mean.square()).clamp_min(0)
+        else:  # an eval norm in a training network (e.g. norm_eval=True)
+            mean, var = running_mean.double(), running_var.double()
         invstd = (var + eps).rsqrt()
         scale = weight.double() * invstd  # bn3(u) = u * scale + shift
         shift = bias.double() - mean * scale
         out = ops.rank_scale_shift_add_relu(z, identity, scale, shift,
                                             rank_weight, maps,
                                             torch.empty_like(z))
-        update_running_statistics(running_mean, running_var, mean, var,
-                                  count, factor)
+        if batch_stats:
+            update_running_statistics(running_mean, running_var, mean, var,
+                                      count, factor)
         ctx.save_for_backward(z, maps, rank_weight, weight, bias, out)
         ctx.moments = mean, invstd, scale
-        ctx.eps, ctx.ops = eps, ops
+        ctx.eps, ctx.batch_stats, ctx.ops = eps, batch_stats, ops
         return out
 
     @staticmethod
@@ -67,14 +74,17 @@ class _RankNormAddReLU(torch.autograd.Function):
         # + shift_u per row
         grad_bias = grad_sums.sum(0)
         grad_centred = (grad_dots - mean * grad_sums).sum(0)
-        u_scale = scale * invstd.square() * grad_centred / count
-        shift_u = u_scale * mean - scale * grad_bias / count
+        if ctx.batch_stats:
+            u_scale = scale * invstd.square() * grad_centred / count
+            shift_u = u_scale * mean - scale * grad_bias / count
+        else:  # fixed statistics: an affine map
+            u_scale = shift_u = torch.zeros_like(scale)
         grad_u, grad_maps, grad_rank = ctx.ops.rank_combine(
             masked, z, rank_weight, maps, scale.expand(batch, -1), -u_scale,
             shift_u.expand(batch, -1))
         return (grad_u, grad_maps, grad_rank.to(rank_weight.dtype), masked,
                 (grad_centred * invstd).to(weight.dtype),
-                grad_bias.to(bias.dtype)) + (None, ) * 5
+                grad_bias.to(bias.dtype)) + (None, ) * 6
 
     @staticmethod
     def _backward_differentiable(ctx, grad, z, maps, rank_weight, weight,
@@ -86,21 +96,36 @@ class _RankNormAddReLU(torch.autograd.Function):
         inputs = [t for t in (z, maps, rank_weight, weight, bias)
                   if t.requires_grad]
         u = z + torch.einsum('ck,bkhw->bchw', rank_weight, maps)
-        normed = F.batch_norm(u, None, None, weight, bias, True, 0., ctx.eps)
+        if ctx.batch_stats:
+            normed = F.batch_norm(u, None, None, weight, bias, True, 0.,
+                                  ctx.eps)
+        else:
+            mean, invstd, _ = (t.to(u.dtype)[:, None, None]
+                               for t in ctx.moments)
+            normed = (u - mean) * invstd * weight[:, None, None] + bias[
+                :, None, None]
         grads = dict(zip(map(id, inputs), torch.autograd.grad(
             normed, inputs, masked, create_graph=True, allow_unused=True)))
         return tuple(grads.get(id(t)) for t in (z, maps, rank_weight)) + (
-            masked, grads.get(id(weight)), grads.get(id(bias))) + (None, ) * 5
+            masked, grads.get(id(weight)), grads.get(id(bias))) + (None, ) * 6
 
 
 def applies(norm, z, identity, maps, branch):
-    """Whether :func:`rank_norm_add_relu` may run: ``norm`` a training-mode,
-    affine, unhooked ``nn.BatchNorm2d`` of ``z``'s dtype, ``z``, ``identity``
+    """Whether :func:`rank_norm_add_relu` may run: ``norm`` a training-mode
+    ``nn.BatchNorm2d`` (batch statistics, more than one value per channel)
+    or an eval-mode BatchNorm with running statistics (``norm_eval=True``
+    fine-tuning), affine, unhooked, of ``z``'s dtype; ``z``, ``identity``
     and ``maps`` contiguous float CPU maps (``identity`` shaped like ``z``,
     ``maps`` with ``z``'s batch and size), the module that made ``maps``
     (``branch``) unhooked, eager code without autocast, the loops
     compiled."""
-    return (tail_maps_apply(norm, z, identity, branch)
+    if norm.training:
+        norm_applies = type(norm) is nn.BatchNorm2d and \
+            z.dim() == 4 and z.shape[0] * z.shape[2] * z.shape[3] > 1
+    else:
+        norm_applies = isinstance(norm, _BatchNorm) and \
+            norm.running_mean is not None
+    return (norm_applies and _tail_maps(norm, z, identity, branch)
             and maps.dim() == 4 and maps.dtype == z.dtype
             and maps.device == z.device and maps.is_contiguous()
             and maps.shape[0] == z.shape[0]
@@ -110,12 +135,17 @@ def applies(norm, z, identity, maps, branch):
 
 def rank_norm_add_relu(z, maps, rank_weight, identity, norm):
     """``relu(identity + norm(z + rank_weight @ maps))``: ``z`` (B, C, H,
-    W), ``maps`` (B, k, H, W), ``rank_weight`` (C, k) applied per pixel,
-    ``norm`` a training-mode ``nn.BatchNorm2d`` whose running statistics
-    (and ``num_batches_tracked``) are updated as its own forward would.
-    Call only where :func:`applies`."""
-    running_mean, running_var, factor = running_statistics(norm)
+    W), ``maps`` (B, k, H, W), ``rank_weight`` (C, k) applied per pixel.
+    A training-mode ``norm`` normalises with the batch's statistics and
+    updates its running statistics (and ``num_batches_tracked``) as its own
+    forward would; an eval-mode one applies its running statistics. Call
+    only where :func:`applies`."""
+    if norm.training:
+        running_mean, running_var, factor = running_statistics(norm)
+    else:
+        running_mean, running_var, factor = norm.running_mean, \
+            norm.running_var, 0.
     return _RankNormAddReLU.apply(z, maps, rank_weight, identity,
                                   norm.weight, norm.bias, running_mean,
-                                  running_var, factor, norm.eps, kernels())
-
+                                  running_var, factor, norm.eps,
+                                  norm.training, kernels())

@@ -123,13 +123,15 @@ class SBBottleneck(Bottleneck):
     def _training_applies(self, x):
         """Whether :meth:`forward_train` may replace the upstream forward:
         a training block without activation checkpointing, through
-        training-mode ``nn.BatchNorm2d`` bn2 and bn3 (batch statistics;
-        SyncBN and frozen norms take the upstream forward), on float CPU
-        maps with the loops compiled, where :meth:`_bypass_applies`."""
+        bn2 and bn3 that are training-mode ``nn.BatchNorm2d`` (batch
+        statistics; SyncBN takes the upstream forward) or eval-mode
+        BatchNorms with running statistics (``norm_eval=True``), on float
+        CPU maps with the loops compiled, where :meth:`_bypass_applies`."""
         return (self.training and not self.with_cp
                 and x.device.type == 'cpu'
                 and x.dtype in (torch.float32, torch.float64)
-                and all(type(norm) is nn.BatchNorm2d and norm.training
+                and all((type(norm) is nn.BatchNorm2d if norm.training else
+                         norm.running_mean is not None)
                         and norm.weight.dtype == x.dtype
                         for norm in (self.norm2, self.norm3))
                 and kernels() is not None and self._bypass_applies(x))
@@ -170,15 +172,19 @@ class SBBottleneck(Bottleneck):
         norm2, planes = self.norm2, self.planes
         for layer in (norm2, self.conv3):
             compose(layer)
-        running_mean, running_var, factor = running_statistics(norm2)
+        if norm2.training:
+            running_mean, running_var, factor = running_statistics(norm2)
+        else:
+            running_mean, running_var, factor = norm2.running_mean, \
+                norm2.running_var, 0.
         parts = []
         for maps, part in ((main, slice(None, planes)),
                            (bias, slice(planes, None))):
             stats = (None, None) if running_mean is None else (
                 running_mean[part], running_var[part])
             parts.append(self.relu(F.batch_norm(
-                maps, *stats, norm2.weight[part], norm2.bias[part], True,
-                factor, norm2.eps)))
+                maps, *stats, norm2.weight[part], norm2.bias[part],
+                norm2.training, factor, norm2.eps)))
         main, bias = parts
         out = pointwise_conv(self.conv3.weight[:, :planes], main)
         identity = x if self.downsample is None else self.downsample(x)
