@@ -66,7 +66,7 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
-    """tools/analysis/fast_path_ab.py prints all eleven tables, every stage,
+    """tools/analysis/fast_path_ab.py prints all twelve tables, every stage,
     setting and gated model, with positive times and ratios."""
     stdout = run([
         sys.executable, repo_root / 'tools' / 'analysis' /
@@ -79,7 +79,7 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
               for section in stdout.split('\n## ')[1:]]
     (pools, reductions, networks, pixel_gates, blocks, norm_gates,
      norm_gate_networks, few_maps, fused_squeezes, pooled_dots,
-     inference) = tables
+     inference, sb_tail) = tables
 
     def numbers(cell):
         return [float(v) for v in cell.replace('/', '→').split('→')]
@@ -140,6 +140,19 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
                      'PSI-R50', 'GE-θ-R50', 'GE-θ⁺-R50')]
     for r in inference:
         assert all(v > 0 for v in numbers(r[3])) and float(r[4]) > 0
+    assert [(r[0].strip(), r[1].strip()) for r in sb_tail] == [
+        ('block, stage 1', '2x256x8x8'), ('block, stage 2', '2x512x4x4'),
+        ('block, stage 3', '2x1024x2x2'), ('block, stage 1', '1x256x16x24'),
+        ('block, stage 2', '1x512x8x12'), ('block, stage 3', '1x1024x4x6'),
+        ('SB-R50 train step', '2x3x32x32'),
+        ('SB-R50 train step', '1x3x64x96')]
+    for r in sb_tail:  # upstream → fast (ratio), train and eval for blocks
+        cells = [c for c in r[2:] if c.strip()]
+        assert len(cells) == (2 if r[0].startswith(' block') else 1), r
+        for cell in cells:
+            before, after = cell.split('(')
+            assert all(v > 0 for v in numbers(before)), r
+            assert float(after.strip(' )')) > 0, r
 
 
 def test_time_two_paths_alternates_and_reports_the_pair_ratio():

@@ -755,9 +755,18 @@ def test_rank_tail_equals_the_plain_ops(dtype, shape):
     for out in (torch.empty_like(z), z.clone()):  # z's copy: in place
         z_in = out if out.equal(z) else z
         got = ops.rank_scale_shift_add_relu(z_in, identity, scale, shift,
-                                            weight, maps, out)
+                                            weight, maps, out, None, None)
         assert got.data_ptr() == out.data_ptr()
         torch.testing.assert_close(got, reference, rtol=tol, atol=tol)
+    # the identity through an affine map (a downsample's eval norm)
+    id_scale, id_shift = torch.randn(2, channels, dtype=dtype)
+    got = ops.rank_scale_shift_add_relu(z, identity, scale, shift, weight,
+                                        maps, torch.empty_like(z), id_scale,
+                                        id_shift)
+    expected = F.relu(identity * id_scale[:, None, None]
+                      + id_shift[:, None, None] + u * scale[:, None, None]
+                      + shift[:, None, None])
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
     # the rows' moments of z + weight @ maps
     sums, squares = ops.rank_row_moments(z, weight, maps)
     assert sums.dtype == squares.dtype == torch.float64

@@ -50,7 +50,7 @@ class _RankNormAddReLU(torch.autograd.Function):
         shift = bias.double() - mean * scale
         out = ops.rank_scale_shift_add_relu(z, identity, scale, shift,
                                             rank_weight, maps,
-                                            torch.empty_like(z))
+                                            torch.empty_like(z), None, None)
         if batch_stats:
             update_running_statistics(running_mean, running_var, mean, var,
                                       count, factor)

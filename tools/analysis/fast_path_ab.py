@@ -36,13 +36,20 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
 - the inference paths as whole networks: SB-ResNet-50 with / without
   ``SBBottleneck.forward_inference``, GE- and PSI-ResNet-50 with / without
   the fused inference tails (without: GE's norm3 fold, PSI's gate with the
-  add), GE-θ/θ⁺ with / without ``pooled_dot``.
+  add), GE-θ/θ⁺ with / without ``pooled_dot``;
+- SB's blocks without the concatenation (``SBBottleneck.forward_train``,
+  its tail over C++ loops, ``mmctx.models.norm_rank``; and
+  ``forward_inference``) vs the upstream block, on the second block of
+  stages 1-3 at ``--block-shape`` batch ``--batch`` and at ``--shape``
+  batch 1 (train: forward + backward, BN statistics updating; eval), and
+  the whole SB-ResNet-50 training step with / without it.
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --tables norm-gate
     python tools/analysis/fast_path_ab.py --shape 800x1216 --repeats 45
     python tools/analysis/fast_path_ab.py --network-models PSI-R50
     python tools/analysis/fast_path_ab.py --tables few-maps inference
+    python tools/analysis/fast_path_ab.py --tables sb-tail
 """
 import argparse
 import math
@@ -78,7 +85,7 @@ from mmctx.models.utils import (adaptive_avg_pool2d_banded,  # noqa: E402
 NETWORKS = ['GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50']
 # tables, each printed by <name>_table
 TABLES = ['pooling', 'reduction', 'network', 'pixel-gate', 'block',
-          'norm-gate', 'few-maps', 'inference']
+          'norm-gate', 'few-maps', 'inference', 'sb-tail']
 
 
 def parse_args():
@@ -516,7 +523,8 @@ def inference_rows(shape, block_shape, batch, repeats):
         'pooled': [(norm_gate, 'pooled_dot_applies', lambda *args: False)],
     }
     cases = [('SB-R50', 'SB-R50', 'bn1 + ReLU + squeeze in one pass, '
-              'no concatenation, bn3 folded into conv3')]
+              'no concatenation, bn3 + rank-k term + add + ReLU in one '
+              'pass')]
     cases += [(name, 'tail', 'fused inference tail')
               for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50')]
     cases += [(name, 'pooled', '`pooled_dot`')
@@ -545,6 +553,60 @@ def inference_rows(shape, block_shape, batch, repeats):
                     setattr(owner, attr, on)
             yield (f'| {name} | {what} | {batch_}x3x{size_[0]}x{size_[1]} '
                    f'| {slow:.0f} → {fast:.0f} | {ratio:.3f} |')
+
+
+def sb_tail_rows(shape, block_shape, batch, repeats, network_repeats):
+    """SB's blocks and training step with / without the paths that skip
+    the concatenation (``forward_train``, ``forward_inference``)."""
+    upstream = (lambda self, x: False)
+    switches = ('_training_applies', '_inference_applies')
+    saved = {attr: getattr(SBBottleneck, attr) for attr in switches}
+
+    def use(fast):
+        for attr in switches:
+            setattr(SBBottleneck, attr, saved[attr] if fast else upstream)
+
+    net = MODELS.build(BACKBONES['SB-R50'])
+    net.init_weights()
+    try:
+        for batch_, size_ in ((batch, block_shape), (1, shape)):
+            for stage in (1, 2, 3):
+                block = getattr(net, f'layer{stage}')[1]
+                scale = 2**(stage + 1)
+                x = torch.randn(batch_, 128 * 2**stage, size_[0] // scale,
+                                size_[1] // scale).relu_().requires_grad_()
+
+                def run(fast, train):
+                    use(fast)
+                    block.train(train)
+                    if train:
+                        block(x).sum().backward()
+                    else:
+                        with torch.no_grad():
+                            block(x)
+
+                times = [time_two_paths(lambda: run(True, train),
+                                        lambda: run(False, train), repeats)
+                         for train in (True, False)]
+                cells = ' | '.join(f'{slow:.2f} → {fast:.2f} ({ratio:.3f})'
+                                   for ratio, fast, slow in times)
+                yield (f'| block, stage {stage} | '
+                       f'{"x".join(map(str, x.shape))} | {cells} |')
+        for batch_, size_ in ((batch, block_shape), (1, shape)):
+            x = torch.randn(batch_, 3, *size_)
+            step = TrainingStep(net)
+
+            def run_step(fast):
+                use(fast)
+                step(x)
+
+            ratio, fast, slow = time_two_paths(
+                lambda: run_step(True), lambda: run_step(False),
+                network_repeats)
+            yield (f'| SB-R50 train step | {batch_}x3x{size_[0]}x{size_[1]}'
+                   f' | {slow:.0f} → {fast:.0f} ({ratio:.3f}) | |')
+    finally:
+        use(True)
 
 
 def main():
@@ -672,6 +734,17 @@ def inference_table(args):
         '| model | path | input | ms | ratio |\n|---|---|---|---:|---:|',
         inference_rows(size(args.shape), size(args.block_shape), args.batch,
                        args.network_repeats))
+
+
+def sb_tail_table(args):
+    print_table(
+        '\n## SB without the concatenation (`forward_train` with its tail '
+        'over C++ loops, `forward_inference`) / the upstream block: ms '
+        '(median ratio)\n',
+        '| module | input | train: forward + backward | eval |\n'
+        '|---|---|---:|---:|',
+        sb_tail_rows(size(args.shape), size(args.block_shape), args.batch,
+                     args.repeats, args.network_repeats))
 
 
 if __name__ == '__main__':

@@ -32,15 +32,20 @@ class SBBottleneck(Bottleneck):
     the pretrained plain block; from scratch they are initialised like the
     rest of conv3 (see :meth:`init_weights`).
 
-    Inference (eval mode, no autograd, eval BatchNorms) never builds the
-    concatenation (:meth:`forward_inference`): bn2 and the ReLU act per
-    channel, so conv3 of the joined map is conv3's first ``planes`` inputs
-    on conv2's map plus a rank-``num_bias`` term from the bias maps. bn3,
-    that term, the residual add and the ReLU then run as one pass of
-    compiled loops over conv3's output, where the upstream block makes
-    three (bn3, the add, the ReLU). conv3 runs at ResNet's width, and the
-    copy of conv2's map into the joined one is saved. Equal to the upstream forward up to float rounding
-    (``tests/test_fast_paths.py``).
+    Neither inference nor training on CPU builds the concatenation: bn2 and
+    the ReLU act per channel, so conv3 of the joined map is conv3's first
+    ``planes`` inputs on conv2's map plus a rank-``num_bias`` term from the
+    bias maps. conv3 then runs at ResNet's width, the copy of conv2's map
+    into the joined one is saved, and bn3 of conv3's output plus that term,
+    the residual add and the ReLU run as compiled loops that never write
+    the term out: one pass in inference (:meth:`forward_inference`), where
+    the upstream block makes three; in training (:meth:`forward_train`,
+    :mod:`mmctx.models.norm_rank`) two passes each way, with bn2 applied
+    to conv2's map and the bias maps apart. Both equal the upstream forward
+    up to float rounding, outputs, gradients and running statistics
+    (``tests/test_fast_paths.py``); other devices, autocast, SyncBN in
+    training, activation checkpointing, plugins and hooks on the bypassed
+    layers take the upstream forward.
 
     In a frozen stage of an mmctx backbone only the pretrained part of the
     widened bn2 and conv3 is frozen: their entries of the bias channels keep
@@ -230,14 +235,22 @@ class SBBottleneck(Bottleneck):
         # conv3 on conv2's channels; the bias channels' inputs of conv3 act
         # on the bias maps as a rank-k term
         out = pointwise_conv(self.conv3.weight[:, :planes], main)
-        identity = x if self.downsample is None else self.downsample(x)
+        downsample_norm = self._downsample_norm_folds()
+        if downsample_norm is not None:  # the tail may apply it
+            identity = self.downsample[:-1](x)
+        else:
+            identity = x if self.downsample is None else self.downsample(x)
         scale3, shift3 = _affine(norm3)
         rank_weight = self.conv3.weight[:, planes:].flatten(1)
         if _tail_fuses(out, identity, bias):
-            # bn3 of conv3's output plus the rank-k term, the residual add
-            # and the ReLU in one pass
+            # bn3 of conv3's output plus the rank-k term, the downsample's
+            # norm, the residual add and the ReLU in one pass
             return kernels().rank_scale_shift_add_relu(
-                out, identity, scale3, shift3, rank_weight, bias, out)
+                out, identity, scale3, shift3, rank_weight, bias, out,
+                *(_affine(downsample_norm) if downsample_norm is not None
+                  else (None, None)))
+        if downsample_norm is not None:
+            identity = downsample_norm(identity)
         batch, channels, height, width = out.shape
         out = torch.addcmul(shift3[:, None, None], out, scale3[:, None, None])
         out.view(batch, channels, -1).baddbmm_(
@@ -245,6 +258,22 @@ class SBBottleneck(Bottleneck):
             bias.reshape(batch, self.num_bias, -1))
         out += identity
         return self.relu(out)
+
+    def _downsample_norm_folds(self):
+        """The downsample's norm where the inference tail may apply it in
+        its pass: an eval, affine, unhooked BatchNorm with running
+        statistics ending an unhooked ``nn.Sequential`` (mmdet's conv +
+        norm, or with ``avg_down`` pool + conv + norm); else None."""
+        downsample = self.downsample
+        if not isinstance(downsample, nn.Sequential) or len(downsample) < 2 \
+                or hooked(downsample):
+            return None
+        norm = downsample[-1]
+        if isinstance(norm, _BatchNorm) and not norm.training \
+                and norm.affine and norm.running_mean is not None \
+                and not hooked(norm):
+            return norm
+        return None
 
     def init_weights(self):
         # From scratch, conv3's bias columns get the same (Kaiming) init as

@@ -826,27 +826,39 @@ std::vector<torch::Tensor> rank_row_moments(torch::Tensor z,
 }
 
 // relu(identity + u * scale[c] + shift[c]) into out (z itself for in
-// place): eval bn3 (or the batch's statistics in training), the residual
-// add and the ReLU in one pass.
+// place): bn3 (the batch's statistics in training, running ones in
+// inference), the residual add and the ReLU in one pass. With
+// identity_scale and identity_shift the identity enters as identity *
+// identity_scale[c] + identity_shift[c]: an eval BatchNorm of the
+// downsample's conv in the same pass.
 torch::Tensor rank_scale_shift_add_relu(torch::Tensor z,
                                         torch::Tensor identity,
                                         torch::Tensor scale,
                                         torch::Tensor shift,
                                         torch::Tensor weight,
                                         torch::Tensor maps,
-                                        torch::Tensor out) {
+                                        torch::Tensor out,
+                                        c10::optional<torch::Tensor> identity_scale,
+                                        c10::optional<torch::Tensor> identity_shift) {
   check_rank(weight, maps, z);
   check_map(identity, z, "identity");
   check_map(out, z, "out");
+  TORCH_CHECK(identity_scale.has_value() == identity_shift.has_value(),
+              "identity_scale and identity_shift go together");
   const int64_t channels = z.size(1), rows = z.size(0) * channels,
                 n = z.numel() / rows, k = weight.size(1);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rank_scale_shift_add_relu",
                              [&] {
     auto sc = values_like(scale, z), sh = values_like(shift, z),
          w = weight.contiguous();
+    auto isc = identity_scale ? values_like(*identity_scale, z)
+                              : torch::ones({channels}, z.options());
+    auto ish = identity_shift ? values_like(*identity_shift, z)
+                              : torch::zeros({channels}, z.options());
     const scalar_t *zp = z.data_ptr<scalar_t>(), *mp = maps.data_ptr<scalar_t>(),
                    *wp = w.data_ptr<scalar_t>(), *ip = identity.data_ptr<scalar_t>(),
-                   *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
+                   *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>(),
+                   *iscp = isc.data_ptr<scalar_t>(), *ishp = ish.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     dispatch_rank(k, [&](auto rank) {
       constexpr int K = decltype(rank)::value;
@@ -856,10 +868,13 @@ torch::Tensor rank_scale_shift_add_relu(torch::Tensor z,
           const scalar_t *zr = zp + r * n, *mb = mp + (r / channels) * k * n,
                          *wr = wp + c * k, *ir = ip + r * n;
           scalar_t* orow = op + r * n;  // may be zr: each value read first
-          const scalar_t a = scp[c], s0 = shp[c];
+          // (x * 1 + 0 is x: without the identity's affine map the sum is
+          // the plain one)
+          const scalar_t a = scp[c], s0 = shp[c], ia = iscp[c], ib = ishp[c];
           _Pragma("omp simd")
           for (int64_t i = 0; i < n; ++i) {
-            const scalar_t v = ir[i] + (rank_at<K>(zr, mb, wr, n, k, i) * a + s0);
+            const scalar_t v = (ir[i] * ia + ib) +
+                               (rank_at<K>(zr, mb, wr, n, k, i) * a + s0);
             orow[i] = v > scalar_t(0) ? v : scalar_t(0);
           }
         }
