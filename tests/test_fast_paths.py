@@ -880,6 +880,45 @@ def test_sb_resnet_training_skips_the_concatenation_exactly(norm_eval):
         (z, maps, rank, identity))
 
 
+def test_eval_affine_is_kept_while_the_norm_is_unchanged():
+    """utils.eval_affine: an eval BatchNorm as (scale, shift), computed once
+    per state of the norm's tensors in inference; an in-place change
+    (optimiser step, checkpoint load), a replaced tensor, another dtype or
+    autograd recompute it."""
+    from mmctx.models.utils import eval_affine
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm2d(6).eval()
+    for t in (norm.weight, norm.bias, norm.running_mean):
+        torch.nn.init.normal_(t.data)
+    norm.running_var.data.uniform_(0.5, 2)
+    x = torch.randn(2, 6, 3, 3)
+
+    def check(affine):
+        scale, shift = affine
+        torch.testing.assert_close(x * scale[:, None, None]
+                                   + shift[:, None, None], norm(x))
+
+    with torch.no_grad():
+        first = eval_affine(norm)
+        check(first)
+        assert eval_affine(norm) is first  # kept
+        norm.running_mean.add_(1)  # in place: a new version
+        second = eval_affine(norm)
+        assert second is not first
+        check(second)
+        norm.load_state_dict({k: v.clone() for k, v in
+                              norm.state_dict().items()})
+        assert eval_affine(norm) is not second
+        norm.weight = torch.nn.Parameter(norm.weight.detach() * 2)
+        third = eval_affine(norm)
+        check(third)
+        assert eval_affine(norm, torch.float64)[0].dtype == torch.float64
+        assert eval_affine(norm)[0].dtype == torch.float32
+    grad_affine = eval_affine(norm)  # autograd records: not kept
+    assert grad_affine[0].requires_grad
+    assert eval_affine(norm) is not grad_affine
+
+
 def backbone_grads(net, x):
     """module_grads for a backbone's tuple of stage outputs."""
     net.double().zero_grad()

@@ -14,8 +14,8 @@ from . import norm_gate
 from .gating import (channel_dot, channel_gate, channel_gate_add,
                      channel_scale_shift, global_mean_gate)
 from .utils import (check_choice, check_init_cfg, check_layer_cfg,
-                    check_positive_int, check_size, hooked, normalize,
-                    resample_to, size_generic_path)
+                    check_positive_int, check_size, eval_affine, hooked,
+                    normalize, resample_to, size_generic_path)
 
 VARIANTS = ('parameter_free', 'depthwise', 'depthwise_excite')
 EXTENTS = (2, 4, 8, 'global')
@@ -208,8 +208,7 @@ class GatherExcite(BaseModule):
         scale + shift``, for an eval-mode, affine BatchNorm ``norm`` (global
         extent): the norm's ``a``, ``b`` times the gate of ``a x + b``'s
         context, computed from ``x``'s."""
-        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-        shift = norm.bias - norm.running_mean * scale
+        scale, shift = eval_affine(norm)
         if self.variant == 'parameter_free':
             context = x.mean((2, 3)) * scale + shift
         else:

@@ -97,11 +97,9 @@ class _NormGateAddReLU(torch.autograd.Function):
         area = height * width
         count = batch * area
         sums, squares, *dots = ops.row_moments(z, kernel)
-        mean = sums.sum(0) / count
-        var = (squares.sum(0) / count - mean.square()).clamp_min(0)
-        invstd = (var + eps).rsqrt()
-        scale = weight.double() * invstd  # x = z * scale + shift
-        shift = bias.double() - mean * scale
+        mean, var = batch_statistics(sums, squares, count)
+        invstd, scale, shift = affine_of_statistics(mean, var, weight, bias,
+                                                    eps)
         if kernel is None:  # the mean of x
             kernel_sum, context = None, sums / area * scale + shift
         else:  # Σ x · w
@@ -276,6 +274,22 @@ def pooled_dot(x, kernel):
     about three times over). Equal to the pool and the dot product up to
     float rounding. Call only where :func:`pooled_dot_applies`."""
     return kernels().pooled_dot(x, kernel.contiguous()).to(x.dtype)
+
+
+def batch_statistics(sums, squares, count):
+    """A batch's per-channel mean and biased variance (float64) from the
+    rows' sums and sums of squares, (B, C) each, of ``count`` values per
+    channel."""
+    mean = sums.sum(0) / count
+    return mean, (squares.sum(0) / count - mean.square()).clamp_min(0)
+
+
+def affine_of_statistics(mean, var, weight, bias, eps):
+    """BatchNorm with these statistics as ``z * scale + shift`` per channel:
+    (invstd, scale, shift) in float64."""
+    invstd = (var + eps).rsqrt()
+    scale = weight.double() * invstd
+    return invstd, scale, bias.double() - mean * scale
 
 
 def running_statistics(norm):

@@ -27,10 +27,11 @@ float rounding, and so do the running statistics and second derivatives
 import torch
 import torch.nn.functional as F
 
-from .norm_gate import (inference_tail_maps_apply, kernels,
+from .norm_gate import (affine_of_statistics, batch_statistics,
+                        inference_tail_maps_apply, kernels,
                         running_statistics, tail_maps_apply,
                         update_running_statistics)
-from .utils import pointwise_conv
+from .utils import eval_affine, pointwise_conv
 
 
 def _keep(tensor):
@@ -64,11 +65,9 @@ class _NormPixelGateAddReLU(torch.autograd.Function):
         batch, _, height, width = z.shape
         count = batch * height * width
         sums, squares = ops.row_moments(z, None)
-        mean = sums.sum(0) / count
-        var = (squares.sum(0) / count - mean.square()).clamp_min(0)
-        invstd = (var + eps).rsqrt()
-        scale = weight.double() * invstd  # x = z * scale + shift
-        shift = bias.double() - mean * scale
+        mean, var = batch_statistics(sums, squares, count)
+        invstd, scale, shift = affine_of_statistics(mean, var, weight, bias,
+                                                    eps)
         maps = _offset_maps_of_norm(offset_weights, scale, shift, z)
         # The head's graph, for the backward, with its saved tensors kept
         # as they are: outer hooks (activation checkpointing) would pack
@@ -197,9 +196,7 @@ def norm_pixel_gate_add_relu_inference(z, identity, norm, psi):
     the plain ops up to float rounding. Call only where
     :func:`inference_applies`."""
     height, width = z.shape[-2:]
-    scale = norm.weight.double() * (norm.running_var.double()
-                                    + norm.eps).rsqrt()
-    shift = norm.bias.double() - norm.running_mean.double() * scale
+    scale, shift = eval_affine(norm, torch.float64)
     maps = _offset_maps_of_norm(psi.offset_weights(), scale, shift, z)
     pixel_weights = psi.pixel_weights_of_patches(
         psi.patches_of_offset_maps(maps), (height, width))

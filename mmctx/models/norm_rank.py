@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .norm_gate import (_tail_maps, kernels, running_statistics,
+from .norm_gate import (_tail_maps, affine_of_statistics, batch_statistics,
+                        kernels, running_statistics,
                         update_running_statistics)
 
 
@@ -40,14 +41,13 @@ class _RankNormAddReLU(torch.autograd.Function):
         batch, _, height, width = z.shape
         count = batch * height * width
         if batch_stats:
-            sums, squares = ops.rank_row_moments(z, rank_weight, maps)
-            mean = sums.sum(0) / count
-            var = (squares.sum(0) / count - mean.square()).clamp_min(0)
+            mean, var = batch_statistics(
+                *ops.rank_row_moments(z, rank_weight, maps), count)
         else:  # an eval norm in a training network (e.g. norm_eval=True)
             mean, var = running_mean.double(), running_var.double()
-        invstd = (var + eps).rsqrt()
-        scale = weight.double() * invstd  # bn3(u) = u * scale + shift
-        shift = bias.double() - mean * scale
+        # bn3(u) = u * scale + shift
+        invstd, scale, shift = affine_of_statistics(mean, var, weight, bias,
+                                                    eps)
         out = ops.rank_scale_shift_add_relu(z, identity, scale, shift,
                                             rank_weight, maps,
                                             torch.empty_like(z), None, None)

@@ -13,6 +13,7 @@ from ..spatial_bias import SpatialBias
 from ..norm_gate import kernels, running_statistics
 from ..utils import (PointwiseConv2d, build_pointwise_conv, check_choice,
                      check_int, check_positive_int, check_stage_flags,
+                     eval_affine,
                      few_maps_applies, gemm_applies, hooked, pointwise_conv,
                      size_generic_path)
 from .context_resnet import ContextResNet, check_plugin_cfg, check_plugins
@@ -209,7 +210,7 @@ class SBBottleneck(Bottleneck):
         squeezed = None
         if self._squeeze_fuses(out):
             # bn1, the ReLU and the branch's squeeze in one pass
-            scale1, shift1 = _affine(self.norm1)
+            scale1, shift1 = eval_affine(self.norm1)
             squeeze = self.spatial_bias.squeeze.weight
             out, squeezed = kernels().scale_shift_relu_few_maps(
                 out, scale1, shift1,
@@ -229,7 +230,7 @@ class SBBottleneck(Bottleneck):
                             norm2.running_var[:planes], norm2.weight[:planes],
                             norm2.bias[:planes], False, 0., norm2.eps)
         main = self.relu(main)
-        scale2, shift2 = _affine(norm2)
+        scale2, shift2 = eval_affine(norm2)
         bias = F.relu(torch.addcmul(shift2[planes:, None, None], bias,
                                     scale2[planes:, None, None]))
         # conv3 on conv2's channels; the bias channels' inputs of conv3 act
@@ -240,14 +241,14 @@ class SBBottleneck(Bottleneck):
             identity = self.downsample[:-1](x)
         else:
             identity = x if self.downsample is None else self.downsample(x)
-        scale3, shift3 = _affine(norm3)
+        scale3, shift3 = eval_affine(norm3)
         rank_weight = self.conv3.weight[:, planes:].flatten(1)
         if _tail_fuses(out, identity, bias):
             # bn3 of conv3's output plus the rank-k term, the downsample's
             # norm, the residual add and the ReLU in one pass
             return kernels().rank_scale_shift_add_relu(
                 out, identity, scale3, shift3, rank_weight, bias, out,
-                *(_affine(downsample_norm) if downsample_norm is not None
+                *(eval_affine(downsample_norm) if downsample_norm is not None
                   else (None, None)))
         if downsample_norm is not None:
             identity = downsample_norm(identity)
@@ -334,12 +335,6 @@ def _tail_fuses(out, identity, bias):
                     and t.is_contiguous() for t in (identity, bias))
             and out.is_contiguous() and identity.shape == out.shape
             and kernels() is not None)
-
-
-def _affine(norm):
-    """An eval BatchNorm as ``x * scale + shift`` per channel."""
-    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-    return scale, norm.bias - norm.running_mean * scale
 
 
 @MODELS.register_module()
