@@ -145,7 +145,9 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
         ('block, stage 3', '2x1024x2x2'), ('block, stage 1', '1x256x16x24'),
         ('block, stage 2', '1x512x8x12'), ('block, stage 3', '1x1024x4x6'),
         ('SB-R50 train step', '2x3x32x32'),
-        ('SB-R50 train step', '1x3x64x96')]
+        ('SB-R50 train step', '1x3x64x96'),
+        ('SB-R50 inference, branch kept / computed', '2x3x32x32'),
+        ('SB-R50 inference, branch kept / computed', '1x3x64x96')]
     for r in sb_tail:  # upstream → fast (ratio), train and eval for blocks
         cells = [c for c in r[2:] if c.strip()]
         assert len(cells) == (2 if r[0].startswith(' block') else 1), r

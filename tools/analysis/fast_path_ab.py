@@ -41,8 +41,10 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
   its tail over C++ loops, ``mmctx.models.norm_rank``; and
   ``forward_inference``) vs the upstream block, on the second block of
   stages 1-3 at ``--block-shape`` batch ``--batch`` and at ``--shape``
-  batch 1 (train: forward + backward, BN statistics updating; eval), and
-  the whole SB-ResNet-50 training step with / without it.
+  batch 1 (train: forward + backward, BN statistics updating; eval), the
+  whole SB-ResNet-50 training step with / without it, and SB-ResNet-50
+  inference with the branch's bias maps computed / kept from the first
+  call (what the branch's small ops cost in the network).
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --tables norm-gate
@@ -74,6 +76,7 @@ from mmctx.models import (gather_excite, gating,  # noqa: E402
                           patch_spatial_interaction)
 from mmctx.models.gating import (_channel_dots, _dot_hw,  # noqa: E402
                                  _kernel_grad)
+from mmctx.models import SpatialBias  # noqa: E402
 from mmctx.models.backbones.sb_resnet import SBBottleneck  # noqa: E402
 from mmctx.models.gating import channel_dot  # noqa: E402
 from mmctx.models.utils import (adaptive_avg_pool2d_banded,  # noqa: E402
@@ -605,6 +608,37 @@ def sb_tail_rows(shape, block_shape, batch, repeats, network_repeats):
                 network_repeats)
             yield (f'| SB-R50 train step | {batch_}x3x{size_[0]}x{size_[1]}'
                    f' | {slow:.0f} → {fast:.0f} ({ratio:.3f}) | |')
+        # What the branch's small ops (norm, pooling, mix, upsampling) cost
+        # in the network: inference with each block's bias maps computed /
+        # taken from the first call
+        net.eval()
+        real = SpatialBias.spatial_bias_of_squeezed
+        kept = {}
+
+        def cached(branch, maps, size):
+            key = (id(branch), maps.shape)
+            if key not in kept:
+                kept[key] = real(branch, maps, size)
+            return kept[key]
+
+        for batch_, size_ in ((batch, block_shape), (1, shape)):
+            x = torch.randn(batch_, 3, *size_)
+
+            def run_branch(compute):
+                SpatialBias.spatial_bias_of_squeezed = real if compute \
+                    else cached
+                with torch.no_grad():
+                    net(x)
+
+            try:
+                ratio, with_branch, without = time_two_paths(
+                    lambda: run_branch(True), lambda: run_branch(False),
+                    network_repeats)
+            finally:
+                SpatialBias.spatial_bias_of_squeezed = real
+            yield (f'| SB-R50 inference, branch kept / computed | '
+                   f'{batch_}x3x{size_[0]}x{size_[1]} | | {without:.0f} → '
+                   f'{with_branch:.0f} ({ratio:.3f}) |')
     finally:
         use(True)
 
