@@ -304,6 +304,17 @@ def pixel_gate_rows(shape, batch, repeats):
                f'| {plain:.2f} → {fast:.2f} |')
 
 
+def block_pass(block, x, train):
+    """One block on ``x``: train mode forward + backward, or eval forward
+    without autograd."""
+    block.train(train)
+    if train:
+        block(x).sum().backward()
+    else:
+        with torch.no_grad():
+            block(x)
+
+
 def block_rows(shape, batch, repeats):
     upstream = GatedBottleneck.residual_gate
     for name in ('GE-θ⁻-R50', 'GE-θ⁺-R50', 'PSI-R50'):
@@ -316,12 +327,7 @@ def block_rows(shape, batch, repeats):
         def run(fused, train):
             GatedBottleneck.residual_gate = upstream if fused else (
                 lambda self, x: None)
-            block.train(train)
-            if train:
-                block(x).sum().backward()
-            else:
-                with torch.no_grad():
-                    block(x)
+            block_pass(block, x, train)
 
         try:
             train, _, _ = time_two_paths(lambda: run(True, True),
@@ -581,12 +587,7 @@ def sb_tail_rows(shape, block_shape, batch, repeats, network_repeats):
 
                 def run(fast, train):
                     use(fast)
-                    block.train(train)
-                    if train:
-                        block(x).sum().backward()
-                    else:
-                        with torch.no_grad():
-                            block(x)
+                    block_pass(block, x, train)
 
                 times = [time_two_paths(lambda: run(True, train),
                                         lambda: run(False, train), repeats)

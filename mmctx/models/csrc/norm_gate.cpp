@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 namespace {
 
@@ -118,50 +119,6 @@ torch::Tensor scale_shift_add_relu(torch::Tensor z, torch::Tensor identity,
     });
   });
   return out;
-}
-
-// ReLU's backward, grad * (out > 0), written out (it is the identity's
-// gradient), and per row its sum and its dot product with z (double).
-std::vector<torch::Tensor> relu_grad_moments(torch::Tensor grad,
-                                             torch::Tensor out,
-                                             torch::Tensor z) {
-  check_map(z, z, "z");
-  check_map(grad, z, "grad");
-  check_map(out, z, "out");
-  const int64_t rows = z.size(0) * z.size(1), n = z.numel() / rows;
-  auto masked = torch::empty_like(z);
-  auto opts = z.options().dtype(torch::kFloat64);
-  auto sums = torch::empty({z.size(0), z.size(1)}, opts);
-  auto dots = torch::empty({z.size(0), z.size(1)}, opts);
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "relu_grad_moments", [&] {
-    const scalar_t *gp = grad.data_ptr<scalar_t>(),
-                   *op = out.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>();
-    scalar_t* mp = masked.data_ptr<scalar_t>();
-    double *s1 = sums.data_ptr<double>(), *s2 = dots.data_ptr<double>();
-    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t *gr = gp + r * n, *orow = op + r * n, *zr = zp + r * n;
-        scalar_t* mr = mp + r * n;
-        double a = 0, b = 0;
-        for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-          const int64_t c1 = std::min(n, c0 + kChunk);
-          scalar_t ca = 0, cb = 0;
-          _Pragma("omp simd reduction(+ : ca, cb)")
-          for (int64_t i = c0; i < c1; ++i) {
-            const scalar_t v = orow[i] > scalar_t(0) ? gr[i] : scalar_t(0);
-            mr[i] = v;
-            ca += v;
-            cb += v * zr[i];
-          }
-          a += ca;
-          b += cb;
-        }
-        s1[r] = a;
-        s2[r] = b;
-      }
-    });
-  });
-  return {masked, sums, dots};
 }
 
 // z's gradient, grad_scale[r] * grad + z_scale[c] * z + shift[r] per row r
@@ -756,30 +713,52 @@ void check_rank(const torch::Tensor& weight, const torch::Tensor& maps,
 }
 
 // u's value at pixel i of a row: z's plus sum_j w[j] * maps[j * n + i]
-// (the row's image's maps). K > 0 fixes k at compile time, so that the sum
-// unrolls inside the vectorised pixel loops; K = 0 takes k at run time.
+// (the row's image's maps). K >= 0 fixes k at compile time, so that the sum
+// unrolls inside the vectorised pixel loops (K = 0: u is z); K = -1 takes k
+// at run time.
 template <int K, typename scalar_t>
 inline scalar_t rank_at(const scalar_t* zr, const scalar_t* mb,
                         const scalar_t* w, int64_t n, int64_t k, int64_t i) {
   scalar_t v = zr[i];
-  const int64_t kk = K > 0 ? K : k;
+  const int64_t kk = K >= 0 ? K : k;
   for (int64_t j = 0; j < kk; ++j) v += w[j] * mb[j * n + i];
   return v;
 }
 
 // f(std::integral_constant<int, K>) with K = k for k up to 6 (the paper's
-// range), else K = 0.
+// range), else K = -1.
 template <typename F>
 void dispatch_rank(int64_t k, F f) {
   switch (k) {
+    case 0: f(std::integral_constant<int, 0>()); break;
     case 1: f(std::integral_constant<int, 1>()); break;
     case 2: f(std::integral_constant<int, 2>()); break;
     case 3: f(std::integral_constant<int, 3>()); break;
     case 4: f(std::integral_constant<int, 4>()); break;
     case 5: f(std::integral_constant<int, 5>()); break;
     case 6: f(std::integral_constant<int, 6>()); break;
-    default: f(std::integral_constant<int, 0>());
+    default: f(std::integral_constant<int, -1>());
   }
+}
+
+// Two sums per row r of n values, into s1[r] and s2[r] (double): chunk(r,
+// c0, c1) returns a chunk's two sums, taken in float (vectorised), added
+// up in double.
+template <typename scalar_t, typename F>
+void for_row_sums(int64_t rows, int64_t n, double* s1, double* s2, F chunk) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      double a = 0, b = 0;
+      for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+        const std::pair<scalar_t, scalar_t> sums =
+            chunk(r, c0, std::min(n, c0 + kChunk));
+        a += sums.first;
+        b += sums.second;
+      }
+      s1[r] = a;
+      s2[r] = b;
+    }
+  });
 }
 
 // Per row of u: its sum and its sum of squares, (B, C) in double.
@@ -799,26 +778,18 @@ std::vector<torch::Tensor> rank_row_moments(torch::Tensor z,
     double *s1 = sums.data_ptr<double>(), *s2 = squares.data_ptr<double>();
     dispatch_rank(k, [&](auto rank) {
       constexpr int K = decltype(rank)::value;
-      at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t *zr = zp + r * n, *mb = mp + (r / channels) * k * n,
-                         *wr = wp + (r % channels) * k;
-          double a = 0, b = 0;
-          for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-            const int64_t c1 = std::min(n, c0 + kChunk);
-            scalar_t ca = 0, cb = 0;
-            _Pragma("omp simd reduction(+ : ca, cb)")
-            for (int64_t i = c0; i < c1; ++i) {
-              const scalar_t v = rank_at<K>(zr, mb, wr, n, k, i);
-              ca += v;
-              cb += v * v;
-            }
-            a += ca;
-            b += cb;
-          }
-          s1[r] = a;
-          s2[r] = b;
+      for_row_sums<scalar_t>(rows, n, s1, s2, [&](int64_t r, int64_t c0,
+                                                  int64_t c1) {
+        const scalar_t *zr = zp + r * n, *mb = mp + (r / channels) * k * n,
+                       *wr = wp + (r % channels) * k;
+        scalar_t ca = 0, cb = 0;
+        _Pragma("omp simd reduction(+ : ca, cb)")
+        for (int64_t i = c0; i < c1; ++i) {
+          const scalar_t v = rank_at<K>(zr, mb, wr, n, k, i);
+          ca += v;
+          cb += v * v;
         }
+        return std::make_pair(ca, cb);
       });
     });
   });
@@ -910,33 +881,37 @@ std::vector<torch::Tensor> rank_relu_grad_moments(torch::Tensor grad,
     double *s1 = sums.data_ptr<double>(), *s2 = dots.data_ptr<double>();
     dispatch_rank(k, [&](auto rank) {
       constexpr int K = decltype(rank)::value;
-      at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t *gr = gp + r * n, *orow = op + r * n, *zr = zp + r * n,
-                         *mb = mp + (r / channels) * k * n,
-                         *wr = wp + (r % channels) * k;
-          scalar_t* mr = gm + r * n;
-          double a = 0, b = 0;
-          for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-            const int64_t c1 = std::min(n, c0 + kChunk);
-            scalar_t ca = 0, cb = 0;
-            _Pragma("omp simd reduction(+ : ca, cb)")
-            for (int64_t i = c0; i < c1; ++i) {
-              const scalar_t v = orow[i] > scalar_t(0) ? gr[i] : scalar_t(0);
-              mr[i] = v;
-              ca += v;
-              cb += v * rank_at<K>(zr, mb, wr, n, k, i);
-            }
-            a += ca;
-            b += cb;
-          }
-          s1[r] = a;
-          s2[r] = b;
+      for_row_sums<scalar_t>(rows, n, s1, s2, [&](int64_t r, int64_t c0,
+                                                  int64_t c1) {
+        const scalar_t *gr = gp + r * n, *orow = op + r * n, *zr = zp + r * n,
+                       *mb = mp + (r / channels) * k * n,
+                       *wr = wp + (r % channels) * k;
+        scalar_t* mr = gm + r * n;
+        scalar_t ca = 0, cb = 0;
+        _Pragma("omp simd reduction(+ : ca, cb)")
+        for (int64_t i = c0; i < c1; ++i) {
+          const scalar_t v = orow[i] > scalar_t(0) ? gr[i] : scalar_t(0);
+          mr[i] = v;
+          ca += v;
+          cb += v * rank_at<K>(zr, mb, wr, n, k, i);
         }
+        return std::make_pair(ca, cb);
       });
     });
   });
   return {masked, sums, dots};
+}
+
+// ReLU's backward, grad * (out > 0), written out (it is the identity's
+// gradient), and per row its sum and its dot product with z (double): the
+// rank-0 case of rank_relu_grad_moments (Gather-Excite's tail).
+std::vector<torch::Tensor> relu_grad_moments(torch::Tensor grad,
+                                             torch::Tensor out,
+                                             torch::Tensor z) {
+  TORCH_CHECK(z.dim() == 4, "z must be (B, C, H, W)");
+  return rank_relu_grad_moments(
+      grad, out, z, z.new_empty({z.size(1), 0}),
+      z.new_empty({z.size(0), 0, z.size(2), z.size(3)}));
 }
 
 // The backward's second pass: u's gradient, g = grad_scale[r] * masked +
