@@ -34,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .utils import adaptive_avg_pool2d_banded, hooked, size_generic_path
+from .utils import (adaptive_avg_pool2d_banded, hooked, norm_affine,
+                    size_generic_path)
 
 _SOURCE = Path(__file__).with_name('csrc') / 'norm_gate.cpp'
 _FLAGS = ('-O3', '-march=native', '-fopenmp')
@@ -285,11 +286,9 @@ def batch_statistics(sums, squares, count):
 
 
 def affine_of_statistics(mean, var, weight, bias, eps):
-    """BatchNorm with these statistics as ``z * scale + shift`` per channel:
-    (invstd, scale, shift) in float64."""
-    invstd = (var + eps).rsqrt()
-    scale = weight.double() * invstd
-    return invstd, scale, bias.double() - mean * scale
+    """BatchNorm with these (float64) statistics as ``z * scale + shift``
+    per channel: (invstd, scale, shift) in float64."""
+    return norm_affine(mean, var, weight.double(), bias.double(), eps)
 
 
 def running_statistics(norm):
@@ -304,6 +303,14 @@ def running_statistics(norm):
         if norm.momentum is None:  # cumulative moving average
             factor = 1. / float(norm.num_batches_tracked)
     return norm.running_mean, norm.running_var, factor
+
+
+def step_statistics(norm):
+    """:func:`running_statistics` for a training-mode norm; an eval-mode
+    one's running statistics (which it applies) and a zero factor."""
+    if norm.training:
+        return running_statistics(norm)
+    return norm.running_mean, norm.running_var, 0.
 
 
 def update_running_statistics(running_mean, running_var, mean, var, count,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .norm_gate import (_tail_maps, affine_of_statistics, batch_statistics,
-                        kernels, running_statistics,
+                        kernels, step_statistics,
                         update_running_statistics)
 
 
@@ -140,11 +140,7 @@ def rank_norm_add_relu(z, maps, rank_weight, identity, norm):
     updates its running statistics (and ``num_batches_tracked``) as its own
     forward would; an eval-mode one applies its running statistics. Call
     only where :func:`applies`."""
-    if norm.training:
-        running_mean, running_var, factor = running_statistics(norm)
-    else:
-        running_mean, running_var, factor = norm.running_mean, \
-            norm.running_var, 0.
+    running_mean, running_var, factor = step_statistics(norm)
     return _RankNormAddReLU.apply(z, maps, rank_weight, identity,
                                   norm.weight, norm.bias, running_mean,
                                   running_var, factor, norm.eps,

@@ -154,6 +154,14 @@ def normalize(norm, x):
     return norm(x)
 
 
+def norm_affine(mean, var, weight, bias, eps):
+    """BatchNorm with these statistics as ``x * scale + shift`` per
+    channel: (invstd, scale, shift), in the tensors' dtype."""
+    invstd = (var + eps).rsqrt()
+    scale = weight * invstd
+    return invstd, scale, bias - mean * scale
+
+
 def eval_affine(norm, dtype=None):
     """An eval-mode, affine BatchNorm with running statistics as ``x *
     scale + shift`` per channel: (scale, shift), computed in ``dtype``
@@ -173,8 +181,7 @@ def eval_affine(norm, dtype=None):
                 a is b for a, b in zip(cached[1], tensors)):
             return cached[2]
     weight, bias, mean, var = (t.to(dtype) for t in tensors)
-    scale = weight * (var + norm.eps).rsqrt()
-    affine = scale, bias - mean * scale
+    affine = norm_affine(mean, var, weight, bias, norm.eps)[1:]
     if cacheable:
         norm.__dict__['_mmctx_eval_affine'] = (key, tensors, affine)
     return affine

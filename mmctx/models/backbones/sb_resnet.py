@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import norm_rank
 from ..spatial_bias import SpatialBias
-from ..norm_gate import kernels, running_statistics
+from ..norm_gate import kernels, step_statistics
 from ..utils import (PointwiseConv2d, build_pointwise_conv, check_choice,
                      check_int, check_positive_int, check_stage_flags,
                      eval_affine,
@@ -178,11 +178,7 @@ class SBBottleneck(Bottleneck):
         norm2, planes = self.norm2, self.planes
         for layer in (norm2, self.conv3):
             compose(layer)
-        if norm2.training:
-            running_mean, running_var, factor = running_statistics(norm2)
-        else:
-            running_mean, running_var, factor = norm2.running_mean, \
-                norm2.running_var, 0.
+        running_mean, running_var, factor = step_statistics(norm2)
         parts = []
         for maps, part in ((main, slice(None, planes)),
                            (bias, slice(planes, None))):
