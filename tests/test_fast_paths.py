@@ -666,6 +666,12 @@ def test_sb_resnet_inference_skips_the_concatenation_exactly():
 
     fused_squeezes = []
     real_fuses = SBBottleneck._squeeze_fuses
+    fused_branches = []
+    real_branch = SpatialBias.inference_bias
+
+    def branch(module, *args):
+        fused_branches.append(module)
+        return real_branch(module, *args)
 
     def squeeze_fuses(block, out):
         fused_squeezes.append(real_fuses(block, out))
@@ -674,14 +680,18 @@ def test_sb_resnet_inference_skips_the_concatenation_exactly():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(SBBottleneck, 'forward_inference', counted)
         patch.setattr(SBBottleneck, '_squeeze_fuses', squeeze_fuses)
+        patch.setattr(SpatialBias, 'inference_bias', branch)
         for shape in [(2, 3, 64, 48), (1, 3, 40, 72)]:
             x = torch.randn(shape)
             folded.clear()
             fused_squeezes.clear()
+            fused_branches.clear()
             fast = outputs(x)
             assert len(folded) == 7  # every SB block
-            # bn1, the ReLU and the squeeze in one pass
+            # bn1, the ReLU and the squeeze in one pass; the branch and
+            # bn2 + ReLU on its maps in two more
             assert fused_squeezes == [True] * 7
+            assert len(fused_branches) == 7
             folded.clear()
             plain = net(x)  # autograd records: the upstream forward
             assert not folded
@@ -695,6 +705,8 @@ def test_sb_resnet_inference_skips_the_concatenation_exactly():
             unfused.setattr(SBBottleneck, '_squeeze_fuses',
                             lambda block, out: False)
             unfused.setattr(sb_resnet, '_tail_fuses', lambda *maps: False)
+            unfused.setattr(SpatialBias, 'inference_bias_applies',
+                            lambda module, maps: False)
             for f, r in zip(outputs(x), reference):
                 torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
         block = net.layer1[1]
@@ -731,6 +743,65 @@ def test_sb_resnet_inference_skips_the_concatenation_exactly():
         with torch.no_grad():
             add(x)
         assert not folded
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_spatial_bias_branch_loops_equal_the_plain_ops(dtype):
+    """SB's branch in inference as two C++ passes and a GEMM
+    (SpatialBias.inference_bias): norm + ReLU + adaptive pooling written as
+    the Conv1d's windows, and the bilinear resampling + a following norm +
+    ReLU, equal the plain ops for avg and max pooling, both grid sizes,
+    maps larger, smaller and not divisible by the grid, non-square, batch
+    1, and targets up- and downsampled; the plain ops run with autograd, in
+    training, on channels_last maps and with a hooked mix."""
+    from mmctx.models.norm_gate import kernels
+    ops = kernels()
+    torch.manual_seed(0)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype is torch.float64 else \
+        dict(rtol=1e-5, atol=1e-5)
+    for pool_type in ('avg', 'max'):
+        for pool_size, (batch, height, width), size in [
+                (10, (2, 56, 56), (56, 56)), (10, (3, 56, 56), (28, 28)),
+                (10, (1, 7, 9), (7, 9)), (6, (2, 13, 40), (7, 20)),
+                (10, (1, 1, 1), (1, 1)), (6, (1, 25, 38), (50, 76))]:
+            sb = SpatialBias(16, pool_size=pool_size, pool_type=pool_type)
+            for p in sb.parameters():
+                torch.nn.init.normal_(p, std=0.3)
+            sb.norm.running_mean.normal_()
+            sb.norm.running_var.uniform_(0.5, 2)
+            sb.to(dtype).eval()
+            maps = torch.randn(batch, 5, height, width, dtype=dtype)
+            scale, shift = torch.randn(2, 3, dtype=dtype)
+            with torch.no_grad():
+                assert sb.inference_bias_applies(maps)
+                got = sb.inference_bias(maps, size, scale, shift)
+                expected = F.relu(
+                    sb.spatial_bias_of_squeezed(maps, size)
+                    * scale[:, None, None] + shift[:, None, None])
+            torch.testing.assert_close(got, expected, **tol)
+            # the first pass alone: the Conv1d's windows of the pooled maps
+            affine = utils.eval_affine(sb.norm)
+            pool = F.adaptive_avg_pool2d if pool_type == 'avg' \
+                else F.adaptive_max_pool2d
+            pooled = pool(F.relu(maps * affine[0][:, None, None]
+                                 + affine[1][:, None, None]), pool_size)
+            torch.testing.assert_close(
+                ops.scale_shift_relu_pool_windows(maps, *affine, pool_size,
+                                                  pool_type == 'max'),
+                pooled.flatten(2).unfold(1, 3, 1), **tol)
+    with torch.no_grad():
+        assert not sb.inference_bias_applies(maps.transpose(2, 3))
+    assert not sb.inference_bias_applies(maps)  # autograd records
+    with torch.no_grad():
+        sb.train()
+        assert not sb.inference_bias_applies(maps)
+        sb.eval()
+        handle = sb.mix.register_forward_hook(lambda m, i, o: None)
+        assert not sb.inference_bias_applies(maps)
+        handle.remove()
+        assert sb.inference_bias_applies(maps)
+        with size_generic():
+            assert not sb.inference_bias_applies(maps)
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
@@ -880,11 +951,11 @@ def test_sb_resnet_training_skips_the_concatenation_exactly(norm_eval):
         (z, maps, rank, identity))
 
 
-def test_eval_affine_is_kept_while_the_norm_is_unchanged():
-    """utils.eval_affine: an eval BatchNorm as (scale, shift), computed once
-    per state of the norm's tensors in inference; an in-place change
-    (optimiser step, checkpoint load), a replaced tensor, another dtype or
-    autograd recompute it."""
+def test_eval_affine_follows_every_change_of_the_norm():
+    """utils.eval_affine: an eval BatchNorm as (scale, shift), equal to the
+    norm after every kind of change, including one through ``.data`` that
+    leaves the version counters alone (mmengine's EMAHook swaps parameters
+    that way before validation), and in the dtype asked for."""
     from mmctx.models.utils import eval_affine
     torch.manual_seed(0)
     norm = torch.nn.BatchNorm2d(6).eval()
@@ -893,30 +964,53 @@ def test_eval_affine_is_kept_while_the_norm_is_unchanged():
     norm.running_var.data.uniform_(0.5, 2)
     x = torch.randn(2, 6, 3, 3)
 
-    def check(affine):
-        scale, shift = affine
+    def check():
+        scale, shift = eval_affine(norm)
         torch.testing.assert_close(x * scale[:, None, None]
                                    + shift[:, None, None], norm(x))
 
     with torch.no_grad():
-        first = eval_affine(norm)
-        check(first)
-        assert eval_affine(norm) is first  # kept
-        norm.running_mean.add_(1)  # in place: a new version
-        second = eval_affine(norm)
-        assert second is not first
-        check(second)
-        norm.load_state_dict({k: v.clone() for k, v in
-                              norm.state_dict().items()})
-        assert eval_affine(norm) is not second
+        check()
+        norm.running_mean.add_(1)  # in place
+        check()
+        version = norm.weight._version
+        norm.weight.data.copy_(torch.randn(6))  # an EMA swap
+        assert norm.weight._version == version
+        check()
         norm.weight = torch.nn.Parameter(norm.weight.detach() * 2)
-        third = eval_affine(norm)
-        check(third)
+        check()
         assert eval_affine(norm, torch.float64)[0].dtype == torch.float64
         assert eval_affine(norm)[0].dtype == torch.float32
-    grad_affine = eval_affine(norm)  # autograd records: not kept
-    assert grad_affine[0].requires_grad
-    assert eval_affine(norm) is not grad_affine
+    assert eval_affine(norm)[0].requires_grad  # autograd records
+
+
+def test_idle_statistics_hook_does_not_count_as_a_hook():
+    """The context norms' statistics pre-hook (TrainableContextMixin) keeps
+    fast paths off a norm only while it has work (``norm_eval`` training);
+    in inference it does nothing and utils.hooked ignores it, so SB's
+    branch takes its C++ path in an mmctx backbone; other hooks count."""
+    from mmctx.models import SBResNet
+    from mmctx.models.utils import hooked
+    net = SBResNet(depth=50, base_channels=16, num_stages=1,
+                   out_indices=(0, ), strides=(1, ), dilations=(1, ),
+                   stage_with_sb=(True, ), norm_eval=True)
+    norm = net.layer1[0].spatial_bias.norm
+    assert norm._forward_pre_hooks  # the statistics hook
+    net.train()
+    assert hooked(norm)  # norm_eval training: it updates the statistics
+    net.eval()
+    assert not hooked(norm)
+    handle = norm.register_forward_pre_hook(lambda m, i: None)
+    assert hooked(norm)
+    handle.remove()
+    calls = []
+    real = SpatialBias.inference_bias
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SpatialBias, 'inference_bias',
+                      lambda *a: calls.append(1) or real(*a))
+        with torch.no_grad():
+            net(torch.randn(1, 3, 32, 32))
+    assert len(calls) == 3
 
 
 def backbone_grads(net, x):

@@ -6,11 +6,14 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from .norm_gate import kernels
 from .utils import (adaptive_avg_pool2d_generic, adaptive_max_pool2d_generic,
                     built_as_plugin, check_choice, check_init_cfg,
                     build_pointwise_conv, check_layer_cfg,
-                    check_positive_int, hooked, normalize, size_generic_path)
+                    check_positive_int, eval_affine, hooked, normalize,
+                    size_generic_path)
 
 
 @MODELS.register_module()
@@ -141,6 +144,42 @@ class SpatialBias(BaseModule):
         bias = bias.reshape(batch, self.num_bias, r, r)
         return F.interpolate(
             bias, size=size, mode='bilinear', align_corners=False)
+
+    def inference_bias_applies(self, maps):
+        """Whether :meth:`inference_bias` may run on the squeeze conv's
+        output ``maps``: inference through an eval, affine BatchNorm with
+        running statistics, unhooked layers, eager code on contiguous
+        float32 / float64 CPU maps, the loops compiled."""
+        norm = self.norm
+        return (not torch.is_grad_enabled() and isinstance(norm, _BatchNorm)
+                and not norm.training and norm.affine
+                and norm.running_mean is not None
+                and norm.weight.dtype == maps.dtype
+                and self.mix.weight.dtype == maps.dtype
+                and maps.device.type == 'cpu' and maps.is_contiguous()
+                and maps.dtype in (torch.float32, torch.float64)
+                and not any(hooked(m) for m in (self.norm, self.pool,
+                                                self.mix))
+                and not size_generic_path(maps)
+                and not torch.jit.is_tracing() and kernels() is not None)
+
+    def inference_bias(self, maps, size, scale, shift):
+        """``relu(bias * scale + shift)`` per bias map (a following eval
+        norm and ReLU, e.g. SB-ResNet's bn2 on the bias channels) of the
+        bias maps of the squeeze conv's output ``maps``, resized to
+        ``size``: the norm, ReLU and pooling in one C++ pass that writes
+        the Conv1d's windows, the Conv1d as one GEMM, the resampling, norm
+        and ReLU in another; equal to :meth:`spatial_bias_of_squeezed`
+        followed by the affine map and ReLU up to float rounding. Call where
+        :meth:`inference_bias_applies`."""
+        r = self.pool_size
+        windows = kernels().scale_shift_relu_pool_windows(
+            maps, *eval_affine(self.norm), r, self.pool_type == 'max')
+        bias = F.linear(windows.view(maps.shape[0], self.num_bias, -1),
+                        self.mix.weight.view(r * r, -1), self.mix.bias)
+        return kernels().upsample_scale_shift_relu(
+            bias.view(maps.shape[0], self.num_bias, r, r), *size,
+            scale, shift)
 
     def forward(self, x, target=None):
         """Join the spatial bias of ``x`` to ``target`` (default: ``x``).

@@ -165,32 +165,29 @@ def norm_affine(mean, var, weight, bias, eps):
 def eval_affine(norm, dtype=None):
     """An eval-mode, affine BatchNorm with running statistics as ``x *
     scale + shift`` per channel: (scale, shift), computed in ``dtype``
-    (default: the norm's). Inference fast paths fold norms with it at every
-    forward, so without autograd the pair is kept on the module and reused
-    while the norm's weight, bias and running statistics are the same
-    tensors at the same versions (an in-place change, e.g. loading a
-    checkpoint, bumps a tensor's version)."""
-    tensors = (norm.weight, norm.bias, norm.running_mean, norm.running_var)
-    dtype = dtype or norm.weight.dtype
-    cacheable = not torch.is_grad_enabled() and not any(
-        t.is_inference() for t in tensors)  # (no version counters)
-    if cacheable:
-        key = (dtype, norm.eps, tuple(t._version for t in tensors))
-        cached = norm.__dict__.get('_mmctx_eval_affine')
-        if cached is not None and cached[0] == key and all(
-                a is b for a, b in zip(cached[1], tensors)):
-            return cached[2]
-    weight, bias, mean, var = (t.to(dtype) for t in tensors)
-    affine = norm_affine(mean, var, weight, bias, norm.eps)[1:]
-    if cacheable:
-        norm.__dict__['_mmctx_eval_affine'] = (key, tensors, affine)
-    return affine
+    (default: the norm's). Computed at every call: keeping it between
+    calls by the tensors' version counters would miss changes made through
+    ``.data`` (mmengine's EMAHook swaps parameters that way)."""
+    weight, bias, mean, var = (
+        t.to(dtype or norm.weight.dtype)
+        for t in (norm.weight, norm.bias, norm.running_mean,
+                  norm.running_var))
+    return norm_affine(mean, var, weight, bias, norm.eps)[1:]
 
 
 def hooked(module):
     """Whether ``module`` has forward (pre-)hooks: fast paths that bypass a
-    module's ``forward`` leave hooked modules on their stock path."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    module's ``forward`` leave hooked modules on their stock path. A
+    pre-hook with an ``idle(module)`` attribute that is true for it now
+    (it would do nothing, e.g. the context norms' statistics hook outside
+    ``norm_eval`` training) does not count."""
+    return bool(module._forward_hooks) or any(
+        not getattr(hook, 'idle', _never_idle)(module)
+        for hook in module._forward_pre_hooks.values())
+
+
+def _never_idle(module):
+    return False
 
 
 _force_size_generic = [None]

@@ -42,9 +42,11 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
   ``forward_inference``) vs the upstream block, on the second block of
   stages 1-3 at ``--block-shape`` batch ``--batch`` and at ``--shape``
   batch 1 (train: forward + backward, BN statistics updating; eval), the
-  whole SB-ResNet-50 training step with / without it, and SB-ResNet-50
-  inference with the branch's bias maps computed / kept from the first
-  call (what the branch's small ops cost in the network).
+  whole SB-ResNet-50 training step with / without it, SB-ResNet-50
+  inference with the branch after its squeeze as plain ops / as C++
+  passes (``SpatialBias.inference_bias``), and with the branch's bias
+  maps computed / kept from the first call (what the branch's small ops
+  cost in the network).
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --tables norm-gate
@@ -609,25 +611,49 @@ def sb_tail_rows(shape, block_shape, batch, repeats, network_repeats):
                 network_repeats)
             yield (f'| SB-R50 train step | {batch_}x3x{size_[0]}x{size_[1]}'
                    f' | {slow:.0f} → {fast:.0f} ({ratio:.3f}) | |')
-        # What the branch's small ops (norm, pooling, mix, upsampling) cost
-        # in the network: inference with each block's bias maps computed /
-        # taken from the first call
+        # The branch after its squeeze in C++ (SpatialBias.inference_bias)
+        # vs the plain ops, and what the branch's small ops (norm, pooling,
+        # mix, upsampling) cost in the network: inference with each block's
+        # bias maps computed / taken from the first call
         net.eval()
-        real = SpatialBias.spatial_bias_of_squeezed
+        inputs = [torch.randn(batch_, 3, *size_)
+                  for batch_, size_ in ((batch, block_shape), (1, shape))]
+        applies = SpatialBias.inference_bias_applies
+        for x in inputs:
+
+            def run_fused(fused):
+                SpatialBias.inference_bias_applies = applies if fused \
+                    else (lambda branch, maps: False)
+                with torch.no_grad():
+                    net(x)
+
+            try:
+                ratio, fused, plain = time_two_paths(
+                    lambda: run_fused(True), lambda: run_fused(False),
+                    network_repeats)
+            finally:
+                SpatialBias.inference_bias_applies = applies
+            yield (f'| SB-R50 inference, branch as plain ops / C++ | '
+                   f'{"x".join(map(str, x.shape))} | | {plain:.0f} → '
+                   f'{fused:.0f} ({ratio:.3f}) |')
+        real = {name: getattr(SpatialBias, name)
+                for name in ('spatial_bias_of_squeezed', 'inference_bias')}
         kept = {}
 
-        def cached(branch, maps, size):
-            key = (id(branch), maps.shape)
-            if key not in kept:
-                kept[key] = real(branch, maps, size)
-            return kept[key]
+        def keeping(name):
+            def cached(branch, maps, *args):
+                key = (name, id(branch), maps.shape)
+                if key not in kept:
+                    kept[key] = real[name](branch, maps, *args)
+                return kept[key]
+            return cached
 
-        for batch_, size_ in ((batch, block_shape), (1, shape)):
-            x = torch.randn(batch_, 3, *size_)
+        for x in inputs:
 
             def run_branch(compute):
-                SpatialBias.spatial_bias_of_squeezed = real if compute \
-                    else cached
+                for name, method in real.items():
+                    setattr(SpatialBias, name,
+                            method if compute else keeping(name))
                 with torch.no_grad():
                     net(x)
 
@@ -636,9 +662,10 @@ def sb_tail_rows(shape, block_shape, batch, repeats, network_repeats):
                     lambda: run_branch(True), lambda: run_branch(False),
                     network_repeats)
             finally:
-                SpatialBias.spatial_bias_of_squeezed = real
+                for name, method in real.items():
+                    setattr(SpatialBias, name, method)
             yield (f'| SB-R50 inference, branch kept / computed | '
-                   f'{batch_}x3x{size_[0]}x{size_[1]} | | {without:.0f} → '
+                   f'{"x".join(map(str, x.shape))} | | {without:.0f} → '
                    f'{with_branch:.0f} ({ratio:.3f}) |')
     finally:
         use(True)

@@ -214,21 +214,26 @@ class SBBottleneck(Bottleneck):
         else:
             out = self.relu(self.norm1(out))
         main = self.conv2.forward(out)  # the forward without the join hook
-        if squeezed is None:
-            bias = self.spatial_bias.spatial_bias(out, main.shape[-2:])
-        else:
-            bias = self.spatial_bias.spatial_bias_of_squeezed(
-                squeezed, main.shape[-2:])
         norm2, norm3, planes = self.norm2, self.norm3, self.planes
         for layer in (norm2, self.conv3):
             compose(layer)
+        scale2, shift2 = eval_affine(norm2)
+        branch = self.spatial_bias
+        if squeezed is None:
+            squeezed = branch.squeeze(out)
+        if branch.inference_bias_applies(squeezed):
+            # the branch after its squeeze and bn2 + ReLU of its maps in
+            # two C++ passes and a GEMM
+            bias = branch.inference_bias(squeezed, main.shape[-2:],
+                                         scale2[planes:], shift2[planes:])
+        else:
+            bias = branch.spatial_bias_of_squeezed(squeezed, main.shape[-2:])
+            bias = F.relu(torch.addcmul(shift2[planes:, None, None], bias,
+                                        scale2[planes:, None, None]))
         main = F.batch_norm(main, norm2.running_mean[:planes],
                             norm2.running_var[:planes], norm2.weight[:planes],
                             norm2.bias[:planes], False, 0., norm2.eps)
         main = self.relu(main)
-        scale2, shift2 = eval_affine(norm2)
-        bias = F.relu(torch.addcmul(shift2[planes:, None, None], bias,
-                                    scale2[planes:, None, None]))
         # conv3 on conv2's channels; the bias channels' inputs of conv3 act
         # on the bias maps as a rank-k term
         out = pointwise_conv(self.conv3.weight[:, :planes], main)

@@ -20,6 +20,9 @@ namespace {
 // chunks' sums in double.
 constexpr int64_t kChunk = 1024;
 
+// Loops over fewer values than this run in one thread.
+constexpr int64_t kSerial = 16384;
+
 void check_map(const torch::Tensor& t, const torch::Tensor& like,
                const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
@@ -984,6 +987,185 @@ std::vector<torch::Tensor> rank_combine(torch::Tensor masked, torch::Tensor z,
   return {grad_u, grad_maps, partial.sum(0)};
 }
 
+// Spatial Bias's branch in inference, after its squeeze conv: the squeezed
+// maps' eval BatchNorm and ReLU and the adaptive pooling to the (r, r) grid
+// in one read (pool_windows' windows, as adaptive_avg_pool2d /
+// adaptive_max_pool2d), written as the windows of the kernel-3 Conv1d
+// that slides along the maps: out[b, c, p, t] = pooled[b, c + t, p] for
+// the k = C - 2 output maps, so that the Conv1d is one GEMM of (B * k,
+// 3 r^2) rows with its (r^2, r^2 * 3) weight.
+torch::Tensor scale_shift_relu_pool_windows(torch::Tensor z,
+                                            torch::Tensor scale,
+                                            torch::Tensor shift, int64_t r,
+                                            bool max_pool) {
+  TORCH_CHECK(z.dim() == 4 && z.device().is_cpu() && z.is_contiguous() &&
+                  z.size(1) >= 3,
+              "z must be a contiguous CPU (B, C, H, W) tensor, C >= 3");
+  TORCH_CHECK(r >= 1, "r must be positive");
+  const int64_t batch = z.size(0), channels = z.size(1), height = z.size(2),
+                width = z.size(3), k = channels - 2;
+  const auto rows = pool_windows(height, r), cols = pool_windows(width, r);
+  std::vector<std::vector<int64_t>> holders(height);  // windows of row y
+  for (int64_t a = 0; a < r; ++a)
+    for (int64_t y = rows[a].first; y < rows[a].second; ++y)
+      holders[y].push_back(a);
+  auto out = torch::empty({batch, k, r * r, 3}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "scale_shift_relu_pool", [&] {
+    std::vector<scalar_t> inv_counts(r * r);  // 1 / each window's size
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < r; ++j)
+        inv_counts[i * r + j] =
+            scalar_t(1) / scalar_t((rows[i].second - rows[i].first) *
+                                   (cols[j].second - cols[j].first));
+    auto sc = values_like(scale, z), sh = values_like(shift, z);
+    const scalar_t *zp = z.data_ptr<scalar_t>(),
+                   *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    // (little work in one thread: the threads' start costs more; a
+    // window costs about 8 input values)
+    const int64_t grain =
+        std::max<int64_t>(1, kSerial / (height * width + 8 * r * r));
+    at::parallel_for(0, batch * channels, grain, [&](int64_t p0,
+                                                     int64_t p1) {
+      // (r, W): each input row folded into its windows' rows first
+      std::vector<scalar_t> acc(r * width), row(width);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t b = p / channels, c = p % channels;
+        const scalar_t a = scp[c], s = shp[c];
+        std::fill(acc.begin(), acc.end(), scalar_t(0));
+        const scalar_t* zr = zp + p * height * width;
+        for (int64_t y = 0; y < height; ++y) {
+          _Pragma("omp simd")
+          for (int64_t x = 0; x < width; ++x) {
+            const scalar_t v = zr[y * width + x] * a + s;
+            row[x] = v > scalar_t(0) ? v : scalar_t(0);
+          }
+          for (const int64_t i : holders[y]) {
+            scalar_t* ar = acc.data() + i * width;
+            if (max_pool) {
+              // (acc starts at 0 = the ReLU's floor, so 0 is a max's floor)
+              _Pragma("omp simd")
+              for (int64_t x = 0; x < width; ++x)
+                ar[x] = row[x] > ar[x] ? row[x] : ar[x];
+            } else {
+              _Pragma("omp simd")
+              for (int64_t x = 0; x < width; ++x) ar[x] += row[x];
+            }
+          }
+        }
+        // pooled[b, c, i * r + j] is window t = c - m of output map m
+        const int64_t t0 = std::max<int64_t>(0, c - k + 1),
+                      t1 = std::min<int64_t>(2, c);
+        scalar_t* ob = op + b * k * r * r * 3;
+        for (int64_t i = 0; i < r; ++i) {
+          const scalar_t* ar = acc.data() + i * width;
+          for (int64_t j = 0; j < r; ++j) {
+            const auto [start, end] = cols[j];
+            scalar_t v = 0;
+            if (max_pool) {
+              for (int64_t x = start; x < end; ++x) v = ar[x] > v ? ar[x] : v;
+            } else {
+              for (int64_t x = start; x < end; ++x) v += ar[x];
+              v *= inv_counts[i * r + j];
+            }
+            for (int64_t t = t0; t <= t1; ++t)
+              ob[((c - t) * r * r + i * r + j) * 3 + t] = v;
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Bilinear resampling's source pair and weights along one axis, in -> out
+// values, as F.interpolate(mode='bilinear', align_corners=False) with an
+// output size: source position (o + 0.5) in / out - 0.5, clamped at 0,
+// computed in T (PyTorch's: the map's float type).
+template <typename T>
+struct Lerp {
+  int64_t i0, i1;
+  T w0, w1;
+};
+
+template <typename T>
+static std::vector<Lerp<T>> bilinear_lerps(int64_t in, int64_t out) {
+  std::vector<Lerp<T>> lerps(out);
+  const T scale = T(in) / T(out);
+  for (int64_t o = 0; o < out; ++o) {
+    T src = scale * (T(o) + T(0.5)) - T(0.5);
+    if (src < 0) src = 0;
+    const int64_t i0 = std::min<int64_t>(int64_t(src), in - 1);
+    const int64_t i1 = i0 + (i0 < in - 1 ? 1 : 0);
+    const T w1 = src - T(i0);
+    lerps[o] = {i0, i1, T(1) - w1, w1};
+  }
+  return lerps;
+}
+
+// relu(upsample(maps) * scale[c] + shift[c]): Spatial Bias's (B, k, r, r)
+// bias maps resized bilinearly to (height, width) and passed through
+// the block's eval bn2 (its bias channels) and ReLU in one write. Rows of
+// the output planes are split among threads; each task first resamples
+// its plane's r rows along W.
+torch::Tensor upsample_scale_shift_relu(torch::Tensor maps, int64_t height,
+                                        int64_t width, torch::Tensor scale,
+                                        torch::Tensor shift) {
+  TORCH_CHECK(maps.dim() == 4 && maps.device().is_cpu() &&
+                  maps.is_contiguous(),
+              "maps must be a contiguous CPU (B, k, h, w) tensor");
+  TORCH_CHECK(height >= 1 && width >= 1, "the size must be positive");
+  const int64_t channels = maps.size(1), planes = maps.size(0) * channels,
+                h = maps.size(2), w = maps.size(3);
+  auto out = torch::empty({maps.size(0), channels, height, width},
+                          maps.options());
+  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "upsample_scale_shift", [&] {
+    const auto ys = bilinear_lerps<scalar_t>(h, height),
+               xs = bilinear_lerps<scalar_t>(w, width);
+    auto sc = values_like(scale, maps), sh = values_like(shift, maps);
+    const scalar_t *mp = maps.data_ptr<scalar_t>(),
+                   *scp = sc.data_ptr<scalar_t>(), *shp = sh.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    std::vector<int64_t> x0(width), x1(width);
+    std::vector<scalar_t> wx0(width), wx1(width);
+    for (int64_t x = 0; x < width; ++x) {
+      x0[x] = xs[x].i0;
+      x1[x] = xs[x].i1;
+      wx0[x] = xs[x].w0;
+      wx1[x] = xs[x].w1;
+    }
+    const int64_t grain = std::max<int64_t>(height, kSerial / width);
+    at::parallel_for(0, planes * height, grain, [&](int64_t q0, int64_t q1) {
+      std::vector<scalar_t> across(h * width);  // the plane's rows along W
+      int64_t plane = -1;
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t p = q / height, y = q % height;
+        if (p != plane) {
+          plane = p;
+          const scalar_t* src = mp + p * h * w;
+          for (int64_t i = 0; i < h; ++i) {
+            const scalar_t* sr = src + i * w;
+            scalar_t* ar = across.data() + i * width;
+            for (int64_t x = 0; x < width; ++x)
+              ar[x] = wx0[x] * sr[x0[x]] + wx1[x] * sr[x1[x]];
+          }
+        }
+        const scalar_t a = scp[p % channels], s = shp[p % channels];
+        const scalar_t w0 = ys[y].w0, w1 = ys[y].w1;
+        const scalar_t *r0 = across.data() + ys[y].i0 * width,
+                       *r1 = across.data() + ys[y].i1 * width;
+        scalar_t* orow = op + q * width;
+        _Pragma("omp simd")
+        for (int64_t x = 0; x < width; ++x) {
+          const scalar_t v = (w0 * r0[x] + w1 * r1[x]) * a + s;
+          orow[x] = v > scalar_t(0) ? v : scalar_t(0);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_adjoint", &pool_adjoint);
   m.def("row_moments", &row_moments);
@@ -1001,4 +1183,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rank_scale_shift_add_relu", &rank_scale_shift_add_relu);
   m.def("rank_relu_grad_moments", &rank_relu_grad_moments);
   m.def("rank_combine", &rank_combine);
+  m.def("scale_shift_relu_pool_windows", &scale_shift_relu_pool_windows);
+  m.def("upsample_scale_shift_relu", &upsample_scale_shift_relu);
 }
