@@ -14,6 +14,7 @@ allocator's own peak (``torch.cuda.max_memory_allocated``) is reported
 instead. The CPU figure is deterministic: it does not depend on the
 allocator or on other processes.
 """
+import contextlib
 import math
 import statistics
 import time
@@ -250,15 +251,51 @@ def time_two_paths(fast, plain, repeats=45, warmup=2):
             statistics.median(plain_ms))
 
 
+class _RecordedKernels:
+    """The compiled loops of ``mmctx.models.norm_gate.kernels()``, each call
+    recorded as a profiler event ``mmctx::<name>``: they are not ATen ops,
+    so the profiler would otherwise add their time to nothing (it would
+    fall between the events)."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        function = getattr(self._module, name)
+
+        def recorded(*args):
+            with torch.profiler.record_function(f'mmctx::{name}'):
+                return function(*args)
+
+        return recorded
+
+
+@contextlib.contextmanager
+def recorded_kernels():
+    """Within: every call of mmctx's compiled loops is a profiler event."""
+    from mmctx.models import norm_gate
+    module = norm_gate.kernels()
+    if module is None:
+        yield
+        return
+    norm_gate._kernels[0] = _RecordedKernels(module)
+    try:
+        yield
+    finally:
+        norm_gate._kernels[0] = module
+
+
 def op_self_times(call, x, repeats=3):
     """Median self CPU time in ms of each profiler event (aten op, autograd
-    node, optimizer step) over ``repeats`` profiled calls of ``call(x)``,
+    node, optimizer step, one of mmctx's compiled loops as
+    ``mmctx::<name>``) over ``repeats`` profiled calls of ``call(x)``,
     after one unprofiled warm-up call."""
     from torch.profiler import ProfilerActivity, profile
     call(x)
     runs = defaultdict(list)
     for _ in range(repeats):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU]) as prof, \
+                recorded_kernels():
             call(x)
         totals = defaultdict(float)
         for event in prof.key_averages():

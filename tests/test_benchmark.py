@@ -166,3 +166,24 @@ def test_median_interval_covers_the_median_as_often_as_promised():
         low, high = median_interval([rng.expovariate(1) for _ in range(15)])
         hits += low <= median <= high
     assert 0.95 <= hits / 4000 <= 0.98
+
+
+def test_profiles_count_the_compiled_loops():
+    """op_self_times records mmctx's compiled loops (not ATen ops, so the
+    profiler would not see them) as ``mmctx::<name>`` events, and leaves
+    the loops as they were."""
+    from mmctx.benchmark import op_self_times
+    from mmctx.models.norm_gate import kernels
+    from mmctx.models import SBResNet
+    module = kernels()
+    net = SBResNet(depth=50, base_channels=16, num_stages=1,
+                   out_indices=(0, ), strides=(1, ), dilations=(1, ),
+                   stage_with_sb=(True, ))
+    net.eval()
+    times = op_self_times(torch.no_grad()(net), torch.randn(1, 3, 32, 32),
+                          repeats=2)
+    for name in ('scale_shift_relu_few_maps', 'rank_scale_shift_add_relu',
+                 'scale_shift_relu_pool_windows',
+                 'upsample_scale_shift_relu'):
+        assert times[f'mmctx::{name}'] > 0
+    assert kernels() is module

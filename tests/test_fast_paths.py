@@ -418,6 +418,9 @@ def test_pointwise_conv_gemm_matches_conv(batch, path, monkeypatch):
         assert_same(grads(product, weight, x.double()),
                      grads(lambda w, t: F.conv2d(t, w), weight, x.double()),
                      torch.float64)
+        with torch.no_grad():  # nothing recorded: the loops alone
+            torch.testing.assert_close(product(weight, x.double()),
+                                       F.conv2d(x.double(), weight))
 
 
 def test_pointwise_path_times_each_kind_of_product_once(monkeypatch):

@@ -8,8 +8,8 @@ from mmengine.registry import MODELS
 
 from . import norm_pixel_gate
 from .gating import pixel_gate_add
-from .utils import (check_init_cfg, check_positive_int, check_real,
-                    check_size, pointwise_conv, resample_to,
+from .utils import (_pool_matrix, check_init_cfg, check_positive_int,
+                    check_real, check_size, pointwise_conv, resample_to,
                     size_generic_path)
 
 
@@ -134,6 +134,20 @@ class PatchSpatialInteraction(BaseModule):
         the maps resampled to the reference size, and each patch's pixels
         taken from the map of their offset."""
         (ph, pw), (gh, gw) = self.squeeze.kernel_size, self.grid
+        # (size_generic_path first: under export a size comparison would
+        # guard on the input size)
+        if not size_generic_path(maps) \
+                and tuple(maps.shape[-2:]) != self.feature_size:
+            # Off the reference size only the pixels at offset (i, j) of
+            # each patch are read from map (i, j): pool them alone, as the
+            # pooling's rows for offset i (gh, H) and columns for offset j
+            # (gw, W), two small GEMMs per map instead of resampling every
+            # map to the reference size.
+            rows, cols = _offset_pool_matrices(maps, self.feature_size,
+                                               (ph, pw))
+            maps = maps.reshape(-1, ph, pw, *maps.shape[-2:])
+            patches = torch.einsum('iay,zijyx,jbx->zab', rows, maps, cols)
+            return patches + self.squeeze.bias.view(1, 1, 1)
         maps = resample_to(maps, self.feature_size)
         maps = maps.reshape(-1, ph, pw, gh, ph, gw, pw)
         # Map (i, j) contributes its pixels at offset (i, j) of each patch.
@@ -189,3 +203,23 @@ class PatchSpatialInteraction(BaseModule):
         :meth:`inference_tail_applies`."""
         return norm_pixel_gate.norm_pixel_gate_add_relu_inference(
             z, identity, norm, self)
+
+
+def _offset_pool_matrices(maps, feature_size, patch):
+    """Adaptive average pooling of ``maps``' (H, W) to ``feature_size``,
+    split by patch offset: (ph, gh, H) rows, the pooling matrix's rows
+    i, i + ph, ... for offset i, and likewise (pw, gw, W) columns. Kept per
+    sizes, dtype and device (constants: they depend on nothing else)."""
+    key = (tuple(maps.shape[-2:]), tuple(feature_size), tuple(patch),
+           maps.dtype, maps.device)
+    matrices = _offset_pool_cache.get(key)
+    if matrices is None:
+        matrices = _offset_pool_cache[key] = tuple(
+            _pool_matrix(size, out, maps).view(-1, step, size).transpose(
+                0, 1).contiguous()
+            for size, out, step in zip(maps.shape[-2:], feature_size,
+                                       patch))
+    return matrices
+
+
+_offset_pool_cache = {}

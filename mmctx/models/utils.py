@@ -624,7 +624,14 @@ def few_maps_product(weight, x):
     map and the gradient once for both gradients. Equal to the conv up to
     float rounding, second derivatives included (autograd's, through the
     GEMMs)."""
-    return _FewMapsProduct.apply(weight, x)
+    if torch.is_grad_enabled() and (weight.requires_grad
+                                    or x.requires_grad):
+        return _FewMapsProduct.apply(weight, x)
+    # nothing to record: the loops alone (an autograd Function's call
+    # costs tens of microseconds even so)
+    from .norm_gate import kernels
+    return kernels().few_maps_product(
+        weight.reshape(weight.shape[0], -1).contiguous(), x)
 
 
 def build_pointwise_conv(conv_cfg, in_channels, out_channels, bias):
