@@ -136,8 +136,33 @@ def test_channel_dot_matches_einsum(dtype, batch, size, channels_last):
                                      if channels_last else
                                      torch.contiguous_format)
     assert_same(fused, grads(plain, x, weight), dtype)
-    with torch.no_grad():  # inference: the same dot products, no autograd
-        torch.testing.assert_close(channel_dot(x, weight), plain(x, weight))
+    with torch.no_grad():  # inference: C++ loops (contiguous), no autograd
+        # (against float64: over 1320 pixels float32's einsum is the
+        # less exact of the two)
+        torch.testing.assert_close(
+            channel_dot(x, weight),
+            plain(x.double(), weight.double()).to(dtype),
+            **(dict(rtol=1e-12, atol=1e-12) if dtype is torch.float64
+               else dict(rtol=1e-5, atol=1e-4)))
+        assert channel_dot(x, weight).dtype == dtype
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_channel_dot_inference_loops_over_long_rows(dtype):
+    """Inference's channel dot products (C++ loops, float sums over chunks
+    of 1024 pixels added in double) on rows of one and of several chunks,
+    against float64's einsum."""
+    for shape in [(3, 4, 40, 33), (2, 3, 7, 7)]:
+        x = torch.randn(shape, dtype=dtype)
+        weight = torch.randn(shape[1:], dtype=dtype)
+        with torch.no_grad():
+            got = channel_dot(x, weight)
+        expected = torch.einsum('bchw,chw->bc', x.double(), weight.double())
+        assert got.dtype == dtype
+        torch.testing.assert_close(
+            got.double(), expected,
+            **(dict(rtol=1e-12, atol=1e-12) if dtype is torch.float64
+               else dict(rtol=1e-5, atol=1e-4)))
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])

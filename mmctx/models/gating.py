@@ -276,6 +276,14 @@ def channel_dot(x, weight):
         return torch.einsum('bchw,chw->bc', x, weight)
     if _fused(x, weight):
         return _ChannelDot.apply(x, weight)
+    if x.device.type == 'cpu' and x.is_contiguous() \
+            and weight.is_contiguous() and weight.dtype == x.dtype \
+            and x.dtype in (torch.float32, torch.float64):
+        from .norm_gate import kernels
+        if kernels() is not None:
+            # one vectorised read of the map, about twice as fast as the
+            # batched GEMV at stage 1 of 224 b8 (0.41 vs 0.78 ms)
+            return kernels().channel_dots(x, weight).to(x.dtype)
     return _channel_dot_values(x, weight)
 
 

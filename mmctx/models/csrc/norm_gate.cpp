@@ -1166,6 +1166,41 @@ torch::Tensor upsample_scale_shift_relu(torch::Tensor maps, int64_t height,
   return out;
 }
 
+// Per row (b, c) of x: its dot product with channel c's kernel, in double
+// (float sums over chunks, vectorised; the chunks' sums in double): a
+// global depthwise gather (GE-θ / θ⁺ at the reference size) in inference,
+// one read of the map.
+torch::Tensor channel_dots(torch::Tensor x, torch::Tensor kernel) {
+  TORCH_CHECK(x.dim() == 4, "x must be (B, C, H, W)");
+  check_map(x, x, "x");
+  check_kernel(kernel, x);
+  const int64_t channels = x.size(1), rows = x.size(0) * channels,
+                n = x.numel() / rows;
+  auto out = torch::empty({x.size(0), channels},
+                          x.options().dtype(torch::kFloat64));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_dots", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(),
+                   *kp = kernel.data_ptr<scalar_t>();
+    double* op = out.data_ptr<double>();
+    const int64_t grain = std::max<int64_t>(1, kSerial / n);
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t *xr = xp + r * n, *kr = kp + (r % channels) * n;
+        double total = 0;
+        for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+          const int64_t c1 = std::min(n, c0 + kChunk);
+          scalar_t sum = 0;
+          _Pragma("omp simd reduction(+ : sum)")
+          for (int64_t i = c0; i < c1; ++i) sum += xr[i] * kr[i];
+          total += sum;
+        }
+        op[r] = total;
+      }
+    });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_adjoint", &pool_adjoint);
   m.def("row_moments", &row_moments);
@@ -1185,4 +1220,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rank_combine", &rank_combine);
   m.def("scale_shift_relu_pool_windows", &scale_shift_relu_pool_windows);
   m.def("upsample_scale_shift_relu", &upsample_scale_shift_relu);
+  m.def("channel_dots", &channel_dots);
 }
