@@ -66,20 +66,20 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
-    """tools/analysis/fast_path_ab.py prints all twelve tables, every stage,
+    """tools/analysis/fast_path_ab.py prints all thirteen tables, every stage,
     setting and gated model, with positive times and ratios."""
     stdout = run([
         sys.executable, repo_root / 'tools' / 'analysis' /
         'fast_path_ab.py', '--shape', '64x96', '--block-shape', '32x32',
         '--batch', '2', '--repeats', '1', '--network-repeats', '1'
     ], timeout=300)
-    headers = ('| stage', '| model', '| module', '| conv1 output')
+    headers = ('| stage', '| model', '| module', '| conv1 output', '| op ')
     tables = [[line.strip('|').split('|') for line in section.splitlines()
                if line.startswith('| ') and not line.startswith(headers)]
               for section in stdout.split('\n## ')[1:]]
     (pools, reductions, networks, pixel_gates, blocks, norm_gates,
      norm_gate_networks, few_maps, fused_squeezes, pooled_dots,
-     inference, sb_tail) = tables
+     offset_dots, inference, sb_tail) = tables
 
     def numbers(cell):
         return [float(v) for v in cell.replace('/', '→').split('→')]
@@ -134,10 +134,21 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
         '1x2048x2x3 → 7']
     for r in fused_squeezes + pooled_dots:
         assert all(v >= 0 for v in numbers(r[-1])), r
+    assert [(r[0].strip(), r[1].strip()) for r in offset_dots] == [
+        (f'PSI patches, stage {stage}', shape) for stage, shape in
+        [(1, '2x16x8x8 → 16x16'), (2, '2x4x4x4 → 16x16'),
+         (3, '2x1x2x2 → 16x16'), (4, '2x1x1x1 → 8x8'),
+         (1, '1x16x16x24 → 16x16'), (2, '1x4x8x12 → 16x16'),
+         (3, '1x1x4x6 → 16x16'), (4, '1x1x2x3 → 8x8')]] + [
+        (f'GE gather dots, stage {stage}', shape) for stage, shape in
+        enumerate(['2x256x8x8', '2x512x4x4', '2x1024x2x2', '2x2048x1x1'], 1)]
+    for r in offset_dots:
+        assert all(v >= 0 for v in numbers(r[2])), r
     assert [(r[0].strip(), r[2].strip()) for r in inference] == [
         (name, size) for size in ('2x3x32x32', '1x3x64x96')
         for name in ('SB-R50', 'GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50',
-                     'PSI-R50', 'GE-θ-R50', 'GE-θ⁺-R50')]
+                     'PSI-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'GE-θ-R50',
+                     'GE-θ⁺-R50', 'PSI-R50', 'SB-R50')]
     for r in inference:
         assert all(v > 0 for v in numbers(r[3])) and float(r[4]) > 0
     assert [(r[0].strip(), r[1].strip()) for r in sb_tail] == [

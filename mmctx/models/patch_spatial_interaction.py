@@ -134,10 +134,7 @@ class PatchSpatialInteraction(BaseModule):
         the maps resampled to the reference size, and each patch's pixels
         taken from the map of their offset."""
         (ph, pw), (gh, gw) = self.squeeze.kernel_size, self.grid
-        # (size_generic_path first: under export a size comparison would
-        # guard on the input size)
-        if not size_generic_path(maps) \
-                and tuple(maps.shape[-2:]) != self.feature_size:
+        if offset_pooling_applies(maps, self.feature_size):
             # Off the reference size only the pixels at offset (i, j) of
             # each patch are read from map (i, j): pool them alone, as the
             # pooling's rows for offset i (gh, H) and columns for offset j
@@ -203,6 +200,15 @@ class PatchSpatialInteraction(BaseModule):
         :meth:`inference_tail_applies`."""
         return norm_pixel_gate.norm_pixel_gate_add_relu_inference(
             z, identity, norm, self)
+
+
+def offset_pooling_applies(maps, feature_size):
+    """Whether :meth:`PatchSpatialInteraction.patches_of_offset_maps` pools
+    each offset's pixels alone: eager code off the reference size
+    (``size_generic_path`` first: under export a size comparison would
+    guard on the input size)."""
+    return not size_generic_path(maps) \
+        and tuple(maps.shape[-2:]) != tuple(feature_size)
 
 
 def _offset_pool_matrices(maps, feature_size, patch):

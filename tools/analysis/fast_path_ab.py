@@ -33,20 +33,24 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
   map (eval, and forward + backward); SB's bn1 + ReLU + squeeze in one
   pass vs the three ops; GE-θ's pooling and kernel dot product in one read
   (``norm_gate.pooled_dot``) vs the banded GEMMs and the dot product;
+- PSI's patches from its offset maps off the reference size (every map
+  resampled + einsum / each offset's pixels pooled by two GEMMs) and GE's
+  gather dot products at the reference size (batched GEMV / C++ loops,
+  ``channel_dots``), each stage's map (eval);
 - the inference paths as whole networks: SB-ResNet-50 with / without
-  ``SBBottleneck.forward_inference``, GE- and PSI-ResNet-50 with / without
+  ``SBBottleneck.forward_inference`` and with / without its branch in C++
+  (``SpatialBias.inference_bias``), GE- and PSI-ResNet-50 with / without
   the fused inference tails (without: GE's norm3 fold, PSI's gate with the
-  add), GE-θ/θ⁺ with / without ``pooled_dot``;
+  add), GE-θ/θ⁺ with / without ``pooled_dot`` and the gather's C++ dot
+  products, PSI with / without the per-offset pooling;
 - SB's blocks without the concatenation (``SBBottleneck.forward_train``,
   its tail over C++ loops, ``mmctx.models.norm_rank``; and
   ``forward_inference``) vs the upstream block, on the second block of
   stages 1-3 at ``--block-shape`` batch ``--batch`` and at ``--shape``
   batch 1 (train: forward + backward, BN statistics updating; eval), the
-  whole SB-ResNet-50 training step with / without it, SB-ResNet-50
-  inference with the branch after its squeeze as plain ops / as C++
-  passes (``SpatialBias.inference_bias``), and with the branch's bias
-  maps computed / kept from the first call (what the branch's small ops
-  cost in the network).
+  whole SB-ResNet-50 training step with / without it, and SB-ResNet-50
+  inference with the branch's bias maps computed / kept from the first
+  call (what the branch's small ops cost in the network).
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --tables norm-gate
@@ -54,6 +58,7 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
     python tools/analysis/fast_path_ab.py --network-models PSI-R50
     python tools/analysis/fast_path_ab.py --tables few-maps inference
     python tools/analysis/fast_path_ab.py --tables sb-tail
+    python tools/analysis/fast_path_ab.py --tables offset-dot inference
 """
 import argparse
 import math
@@ -90,7 +95,7 @@ from mmctx.models.utils import (adaptive_avg_pool2d_banded,  # noqa: E402
 NETWORKS = ['GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50']
 # tables, each printed by <name>_table
 TABLES = ['pooling', 'reduction', 'network', 'pixel-gate', 'block',
-          'norm-gate', 'few-maps', 'inference', 'sb-tail']
+          'norm-gate', 'few-maps', 'offset-dot', 'inference', 'sb-tail']
 
 
 def parse_args():
@@ -524,6 +529,50 @@ def pooled_dot_rows(shape, repeats):
         height, width = math.ceil(height / 2), math.ceil(width / 2)
 
 
+def offset_dot_rows(shape, block_shape, batch, repeats):
+    """PSI's patches from its offset maps (resampling + einsum / pooled per
+    offset) and GE's gather dot products at the reference size (batched
+    GEMV / C++ loops), each stage's map, eval, ms."""
+    net = MODELS.build(BACKBONES['PSI-R50'])
+    applies = patch_spatial_interaction.offset_pooling_applies
+    for batch_, size_ in ((batch, block_shape), (1, shape)):
+        height, width = (math.ceil(side / 4) for side in size_)
+        for stage in range(1, 5):
+            block = getattr(net, f'layer{stage}')[0]
+            psi = getattr(block, block.after_conv3_plugin_names[-1])
+            (ph, pw) = psi.squeeze.kernel_size
+            maps = torch.randn(batch_, ph * pw, height, width)
+
+            def patches(pooled):
+                patch_spatial_interaction.offset_pooling_applies = \
+                    applies if pooled else (lambda *args: False)
+                psi.patches_of_offset_maps(maps)
+
+            try:
+                with torch.no_grad():
+                    _, fast, slow = time_two_paths(
+                        lambda: patches(True), lambda: patches(False),
+                        repeats)
+            finally:
+                patch_spatial_interaction.offset_pooling_applies = applies
+            yield (f'| PSI patches, stage {stage} | '
+                   f'{"x".join(map(str, maps.shape))} → {psi.grid[0]}x'
+                   f'{psi.grid[1]} | {slow:.3f} → {fast:.3f} |')
+            height, width = math.ceil(height / 2), math.ceil(width / 2)
+    height = width = block_shape[0] // 4
+    for stage in range(4):
+        channels = 256 * 2**stage
+        x = torch.randn(batch, channels, height, width)
+        kernel = torch.randn(channels, height, width)
+        with torch.no_grad():
+            _, fast, slow = time_two_paths(
+                lambda: channel_dot(x, kernel),
+                lambda: gating._channel_dots(x, kernel), repeats)
+        yield (f'| GE gather dots, stage {stage + 1} | '
+               f'{"x".join(map(str, x.shape))} | {slow:.3f} → {fast:.3f} |')
+        height, width = height // 2, width // 2
+
+
 def inference_rows(shape, block_shape, batch, repeats):
     """Whole-network inference with each inference path / without it."""
     switches = {
@@ -532,6 +581,11 @@ def inference_rows(shape, block_shape, batch, repeats):
         'tail': [(GatedBottleneck, '_inference_tail_may_fuse',
                   lambda self, gate: False)],
         'pooled': [(norm_gate, 'pooled_dot_applies', lambda *args: False)],
+        'dots': [(gating, 'dot_loops_apply', lambda *args: False)],
+        'offsets': [(patch_spatial_interaction, 'offset_pooling_applies',
+                     lambda *args: False)],
+        'branch': [(SpatialBias, 'inference_bias_applies',
+                    lambda *args: False)],
     }
     cases = [('SB-R50', 'SB-R50', 'bn1 + ReLU + squeeze in one pass, '
               'no concatenation, bn3 + rank-k term + add + ReLU in one '
@@ -540,6 +594,11 @@ def inference_rows(shape, block_shape, batch, repeats):
               for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50')]
     cases += [(name, 'pooled', '`pooled_dot`')
               for name in ('GE-θ-R50', 'GE-θ⁺-R50')]
+    cases += [(name, 'dots', 'gather dot products as C++ loops')
+              for name in ('GE-θ-R50', 'GE-θ⁺-R50')]
+    cases += [('PSI-R50', 'offsets', 'patches pooled per offset (GEMMs)'),
+              ('SB-R50', 'branch', 'branch after the squeeze in C++ '
+               '(`inference_bias`)')]
     for batch_, size_ in ((batch, block_shape), (1, shape)):
         x = torch.randn(batch_, 3, *size_)
         for name, switch, what in cases:
@@ -611,31 +670,12 @@ def sb_tail_rows(shape, block_shape, batch, repeats, network_repeats):
                 network_repeats)
             yield (f'| SB-R50 train step | {batch_}x3x{size_[0]}x{size_[1]}'
                    f' | {slow:.0f} → {fast:.0f} ({ratio:.3f}) | |')
-        # The branch after its squeeze in C++ (SpatialBias.inference_bias)
-        # vs the plain ops, and what the branch's small ops (norm, pooling,
-        # mix, upsampling) cost in the network: inference with each block's
-        # bias maps computed / taken from the first call
+        # What the branch's small ops (norm, pooling, mix, upsampling) cost
+        # in the network: inference with each block's bias maps computed /
+        # taken from the first call
         net.eval()
         inputs = [torch.randn(batch_, 3, *size_)
                   for batch_, size_ in ((batch, block_shape), (1, shape))]
-        applies = SpatialBias.inference_bias_applies
-        for x in inputs:
-
-            def run_fused(fused):
-                SpatialBias.inference_bias_applies = applies if fused \
-                    else (lambda branch, maps: False)
-                with torch.no_grad():
-                    net(x)
-
-            try:
-                ratio, fused, plain = time_two_paths(
-                    lambda: run_fused(True), lambda: run_fused(False),
-                    network_repeats)
-            finally:
-                SpatialBias.inference_bias_applies = applies
-            yield (f'| SB-R50 inference, branch as plain ops / C++ | '
-                   f'{"x".join(map(str, x.shape))} | | {plain:.0f} → '
-                   f'{fused:.0f} ({ratio:.3f}) |')
         real = {name: getattr(SpatialBias, name)
                 for name in ('spatial_bias_of_squeezed', 'inference_bias')}
         kept = {}
@@ -796,6 +836,17 @@ def inference_table(args):
         '| model | path | input | ms | ratio |\n|---|---|---|---:|---:|',
         inference_rows(size(args.shape), size(args.block_shape), args.batch,
                        args.network_repeats))
+
+
+def offset_dot_table(args):
+    print_table(
+        '\n## PSI\'s patches off the reference size (resample every offset '
+        'map + einsum → each offset\'s pixels pooled by GEMMs) and GE\'s '
+        'gather dot products at the reference size (batched GEMV → C++ '
+        'loops), eval, ms\n',
+        '| op | input | ms |\n|---|---|---:|',
+        offset_dot_rows(size(args.shape), size(args.block_shape),
+                        args.batch, args.repeats))
 
 
 def sb_tail_table(args):
