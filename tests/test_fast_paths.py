@@ -1233,3 +1233,19 @@ def test_ge_excite_as_linear_matches_its_convs(dtype):
         assert not calls  # each took the convs
     finally:
         F.linear = real
+
+
+def test_psi_offset_pooling_after_inference_mode_trains():
+    """PSI's per-offset pooling matrices are kept per size; built first
+    under ``torch.inference_mode`` they are still normal tensors, so a
+    later training step at that size can save them for its backward."""
+    torch.manual_seed(0)
+    psi = PatchSpatialInteraction(16, feature_size=(16, 16), grid_size=4)
+    x = torch.randn(2, 16, 12, 12)  # off the reference size
+    with torch.inference_mode():
+        expected = psi(x)
+    x.requires_grad_()
+    out = psi(x)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -1,5 +1,7 @@
 """Patch Spatial Interaction ("Patch Spatial Interactions for Long-Range
 Dependencies in CNNs"): squeeze-and-excitation over space."""
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -214,18 +216,21 @@ def offset_pooling_applies(maps, feature_size):
 def _offset_pool_matrices(maps, feature_size, patch):
     """Adaptive average pooling of ``maps``' (H, W) to ``feature_size``,
     split by patch offset: (ph, gh, H) rows, the pooling matrix's rows
-    i, i + ph, ... for offset i, and likewise (pw, gw, W) columns. Kept per
-    sizes, dtype and device (constants: they depend on nothing else)."""
-    key = (tuple(maps.shape[-2:]), tuple(feature_size), tuple(patch),
-           maps.dtype, maps.device)
-    matrices = _offset_pool_cache.get(key)
-    if matrices is None:
-        matrices = _offset_pool_cache[key] = tuple(
-            _pool_matrix(size, out, maps).view(-1, step, size).transpose(
+    i, i + ph, ... for offset i, and likewise (pw, gw, W) columns."""
+    return _offset_pool_matrices_of(tuple(maps.shape[-2:]),
+                                    tuple(feature_size), tuple(patch),
+                                    maps.dtype, maps.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _offset_pool_matrices_of(size, feature_size, patch, dtype, device):
+    # Constants of the sizes, dtype and device; kept for the sizes seen
+    # last (detection's varying input sizes would grow an unbounded cache),
+    # as normal tensors also when first built under inference_mode (which
+    # autograd could not save for a later training step)
+    with torch.inference_mode(False), torch.no_grad():
+        like = torch.empty(0, dtype=dtype, device=device)
+        return tuple(
+            _pool_matrix(side, out, like).view(-1, step, side).transpose(
                 0, 1).contiguous()
-            for size, out, step in zip(maps.shape[-2:], feature_size,
-                                       patch))
-    return matrices
-
-
-_offset_pool_cache = {}
+            for side, out, step in zip(size, feature_size, patch))

@@ -160,8 +160,8 @@ class SpatialBias(BaseModule):
                 and maps.dtype in (torch.float32, torch.float64)
                 and not any(hooked(m) for m in (self.norm, self.pool,
                                                 self.mix))
-                and not size_generic_path(maps)
-                and not torch.jit.is_tracing() and kernels() is not None)
+                and not size_generic_path(maps)  # (tracing included)
+                and kernels() is not None)
 
     def inference_bias(self, maps, size, scale, shift):
         """``relu(bias * scale + shift)`` per bias map (a following eval

@@ -212,6 +212,16 @@ static std::vector<std::pair<int64_t, int64_t>> pool_windows(int64_t in,
   return windows;
 }
 
+// For each of the in values, the windows (of pool_windows) that hold it.
+static std::vector<std::vector<int64_t>> window_holders(
+    const std::vector<std::pair<int64_t, int64_t>>& windows, int64_t in) {
+  std::vector<std::vector<int64_t>> holders(in);
+  for (int64_t a = 0; a < int64_t(windows.size()); ++a)
+    for (int64_t y = windows[a].first; y < windows[a].second; ++y)
+      holders[y].push_back(a);
+  return holders;
+}
+
 // The adjoint of adaptive average pooling (H, W) -> (h, w), applied to
 // (C, h, w) kernels: (C, H, W) kernels k with <x, k> = <pool(x), kernel>.
 torch::Tensor pool_adjoint(torch::Tensor kernel, int64_t height,
@@ -274,10 +284,7 @@ torch::Tensor pooled_dot(torch::Tensor x, torch::Tensor kernel) {
   const int64_t channels = x.size(1), height = x.size(2), width = x.size(3),
                 h = kernel.size(1), w = kernel.size(2);
   const auto rows = pool_windows(height, h), cols = pool_windows(width, w);
-  std::vector<std::vector<int64_t>> holders(height);  // windows of row y
-  for (int64_t a = 0; a < h; ++a)
-    for (int64_t y = rows[a].first; y < rows[a].second; ++y)
-      holders[y].push_back(a);
+  const auto holders = window_holders(rows, height);
   auto out = torch::empty({x.size(0), channels},
                           x.options().dtype(torch::kFloat64));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pooled_dot", [&] {
@@ -1005,10 +1012,7 @@ torch::Tensor scale_shift_relu_pool_windows(torch::Tensor z,
   const int64_t batch = z.size(0), channels = z.size(1), height = z.size(2),
                 width = z.size(3), k = channels - 2;
   const auto rows = pool_windows(height, r), cols = pool_windows(width, r);
-  std::vector<std::vector<int64_t>> holders(height);  // windows of row y
-  for (int64_t a = 0; a < r; ++a)
-    for (int64_t y = rows[a].first; y < rows[a].second; ++y)
-      holders[y].push_back(a);
+  const auto holders = window_holders(rows, height);
   auto out = torch::empty({batch, k, r * r, 3}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "scale_shift_relu_pool", [&] {
     std::vector<scalar_t> inv_counts(r * r);  // 1 / each window's size
