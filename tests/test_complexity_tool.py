@@ -66,7 +66,7 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
-    """tools/analysis/fast_path_ab.py prints all thirteen tables, every stage,
+    """tools/analysis/fast_path_ab.py prints all fourteen tables, every stage,
     setting and gated model, with positive times and ratios."""
     stdout = run([
         sys.executable, repo_root / 'tools' / 'analysis' /
@@ -79,7 +79,7 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
               for section in stdout.split('\n## ')[1:]]
     (pools, reductions, networks, pixel_gates, blocks, norm_gates,
      norm_gate_networks, few_maps, fused_squeezes, pooled_dots,
-     offset_dots, inference, sb_tail) = tables
+     offset_dots, inference, sb_tail, sb_head) = tables
 
     def numbers(cell):
         return [float(v) for v in cell.replace('/', '→').split('→')]
@@ -166,6 +166,17 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
             before, after = cell.split('(')
             assert all(v > 0 for v in numbers(before)), r
             assert float(after.strip(' )')) > 0, r
+    assert [(r[0].strip(), r[1].strip()) for r in sb_head] == [
+        ('block, stage 1', '2x256x8x8'), ('block, stage 2', '2x512x4x4'),
+        ('block, stage 3', '2x1024x2x2'), ('block, stage 4', '2x2048x1x1'),
+        ('block, stage 1', '1x256x16x24'), ('block, stage 2', '1x512x8x12'),
+        ('block, stage 3', '1x1024x4x6'), ('block, stage 4', '1x2048x2x3'),
+        ('SB-R50 train step', '2x3x32x32'),
+        ('SB-R50 train step', '1x3x64x96')]
+    for r in sb_head:  # plain → fused (ratio), forward + backward
+        before, after = r[2].split('(')
+        assert all(v > 0 for v in numbers(before)), r
+        assert float(after.strip(' )')) > 0, r
 
 
 def test_time_two_paths_alternates_and_reports_the_pair_ratio():

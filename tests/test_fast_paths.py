@@ -877,6 +877,120 @@ def test_rank_tail_equals_the_plain_ops(dtype, shape):
         ops.rank_row_moments(z, weight, maps[:, :2])
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('shape', [(2, 8, 5, 7), (1, 6, 40, 33)])
+@pytest.mark.parametrize('maps', [5, 7])  # a compiled rank, one at run time
+@pytest.mark.parametrize('norm_mode', ['batch', 'cumulative', 'eval'])
+def test_norm_relu_squeeze_equals_the_plain_ops(dtype, shape, maps,
+                                                norm_mode):
+    """SB's bn1, ReLU and squeeze in training as one function
+    (norm_squeeze): the ReLU's output, the squeeze, the gradients of the
+    input, the squeeze weight and the norm's weight and bias, the running
+    statistics and the batch count equal the plain ops', with rows longer
+    and shorter than a chunk, a training norm (momentum, cumulative) or
+    an eval one (``norm_eval``), and a loss on only one of the outputs;
+    second derivatives are autograd's."""
+    import copy
+
+    from torch.autograd import gradcheck, gradgradcheck
+
+    from mmctx.models import norm_squeeze
+    torch.manual_seed(0)
+    channels = shape[1]
+    norm = torch.nn.BatchNorm2d(
+        channels, momentum=None if norm_mode == 'cumulative' else 0.1)
+    squeeze = PointwiseConv2d(channels, maps, 1, bias=False)
+    relu = torch.nn.ReLU(inplace=True)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias, 0, 0.5)
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.5, 2)
+    norm.num_batches_tracked += 3
+    norm.train(norm_mode != 'eval')
+    norm, squeeze = norm.to(dtype), squeeze.to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    assert norm_squeeze.applies(norm, relu, squeeze, x)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype is torch.float64 else \
+        dict(rtol=1e-4, atol=1e-4)
+    for used in ('both', 'out', 'maps'):
+        results = []
+        for fused in (True, False):
+            n, sq = copy.deepcopy(norm), copy.deepcopy(squeeze)
+            xi = x.clone().requires_grad_()
+            if fused:
+                out, squeezed = norm_squeeze.norm_relu_squeeze(xi, n, sq)
+            else:
+                out = relu(n(xi))
+                squeezed = F.conv2d(out, sq.weight)
+            loss = 0
+            for t, use in ((out, 'out'), (squeezed, 'maps')):
+                if used in ('both', use):
+                    loss = loss + (t * torch.linspace(
+                        -1, 2, t.numel(), dtype=dtype).view_as(t)).sum()
+            loss.backward()
+            results.append([out, squeezed, xi.grad, sq.weight.grad,
+                            n.weight.grad, n.bias.grad, n.running_mean,
+                            n.running_var, n.num_batches_tracked])
+        for f, r in zip(*results):
+            torch.testing.assert_close(f, r, **tol)
+
+    if dtype is torch.float32 or shape[-1] > 10:
+        return
+    # first and second derivatives of every input, the latter the plain
+    # ops' on the saved inputs
+    from mmctx.models.norm_gate import kernels
+    running_mean, running_var = norm.running_mean.clone(), \
+        norm.running_var.clone()
+
+    def function(x, weight, norm_weight, norm_bias):
+        return norm_squeeze._NormReLUSqueeze.apply(
+            x, weight, norm_weight, norm_bias, running_mean, running_var,
+            0.1, norm.eps, norm_mode != 'eval', kernels())
+
+    inputs = (torch.randn(2, channels, 3, 4, dtype=dtype),
+              squeeze.weight.detach().flatten(1), norm.weight.detach(),
+              norm.bias.detach())
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    assert gradcheck(function, inputs)
+    assert gradgradcheck(function, inputs)
+    out = inputs[0].detach()
+    with pytest.raises(RuntimeError, match='grad_maps must be'):
+        kernels().relu_few_maps_combine(
+            out, out, out, inputs[1].detach(), out[:, :1], *norm.weight.data[
+                None].expand(3, -1).double())
+
+
+def test_norm_relu_squeeze_applies_only_where_it_computes_the_same():
+    """norm_squeeze.applies: a SyncBN, a norm without affine parameters, a
+    hooked norm, ReLU or squeeze, a squeeze with a bias or too many maps,
+    a channels_last map and autocast take the plain ops."""
+    from mmctx.models import norm_squeeze
+    norm = torch.nn.BatchNorm2d(8).train()
+    squeeze = PointwiseConv2d(8, 5, 1, bias=False)
+    relu = torch.nn.ReLU(inplace=True)
+    x = torch.randn(2, 8, 6, 6)
+    assert norm_squeeze.applies(norm, relu, squeeze, x)
+    assert not norm_squeeze.applies(torch.nn.SyncBatchNorm(8), relu,
+                                    squeeze, x)
+    assert not norm_squeeze.applies(torch.nn.BatchNorm2d(8, affine=False),
+                                    relu, squeeze, x)
+    assert not norm_squeeze.applies(norm, relu, PointwiseConv2d(8, 5, 1),
+                                    x)
+    assert not norm_squeeze.applies(norm, relu, PointwiseConv2d(8, 17, 1,
+                                                                bias=False),
+                                    x)
+    assert not norm_squeeze.applies(
+        norm, relu, squeeze, x.to(memory_format=torch.channels_last))
+    assert not norm_squeeze.applies(norm, relu, squeeze, x[:1, :, :1, :1])
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not norm_squeeze.applies(norm, relu, squeeze, x)
+    for module in (norm, relu, squeeze):
+        handle = module.register_forward_hook(lambda m, i, o: None)
+        assert not norm_squeeze.applies(norm, relu, squeeze, x)
+        handle.remove()
+    assert norm_squeeze.applies(norm, relu, squeeze, x)
+
+
 @pytest.mark.parametrize('norm_eval', [False, True])
 def test_sb_resnet_training_skips_the_concatenation_exactly(norm_eval):
     """SB-ResNet training (SBBottleneck.forward_train): bn2 on conv2's map
@@ -892,7 +1006,7 @@ def test_sb_resnet_training_skips_the_concatenation_exactly(norm_eval):
 
     from torch.autograd import gradgradcheck
 
-    from mmctx.models import SBResNet, norm_rank
+    from mmctx.models import SBResNet, norm_rank, norm_squeeze
     from mmctx.models.backbones.sb_resnet import SBBottleneck
     torch.manual_seed(0)
     fast = SBResNet(depth=50, stage_with_sb=(True, True), base_channels=16,
@@ -903,9 +1017,9 @@ def test_sb_resnet_training_skips_the_concatenation_exactly(norm_eval):
     fast.layer1[0].norm2.momentum = fast.layer2[1].norm3.momentum = None
     fast.double().train()
     plain = copy.deepcopy(fast)
-    trained, fused = [], []
-    real_train, real_tail = SBBottleneck.forward_train, \
-        norm_rank.rank_norm_add_relu
+    trained, fused, heads = [], [], []
+    real_train, real_tail, real_head = SBBottleneck.forward_train, \
+        norm_rank.rank_norm_add_relu, norm_squeeze.norm_relu_squeeze
 
     def counted(block, x):
         trained.append(block)
@@ -915,15 +1029,22 @@ def test_sb_resnet_training_skips_the_concatenation_exactly(norm_eval):
         fused.append(args)
         return real_tail(*args)
 
+    def counted_head(*args):
+        heads.append(args)
+        return real_head(*args)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(SBBottleneck, 'forward_train', counted)
         patch.setattr(norm_rank, 'rank_norm_add_relu', counted_tail)
+        patch.setattr(norm_squeeze, 'norm_relu_squeeze', counted_head)
         for shape in [(2, 3, 64, 48), (1, 3, 40, 72)]:
             x = torch.randn(shape, dtype=torch.float64)
             trained.clear()
             fused.clear()
+            heads.clear()
             outs, grads = backbone_grads(fast, x)
-            assert len(trained) == len(fused) == 7  # every SB block
+            # every SB block, bn1 + ReLU + squeeze and the tail fused
+            assert len(trained) == len(fused) == len(heads) == 7
             with pytest.MonkeyPatch.context() as upstream:
                 upstream.setattr(SBBottleneck, '_training_applies',
                                  lambda block, x: False)

@@ -50,7 +50,11 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
   batch 1 (train: forward + backward, BN statistics updating; eval), the
   whole SB-ResNet-50 training step with / without it, and SB-ResNet-50
   inference with the branch's bias maps computed / kept from the first
-  call (what the branch's small ops cost in the network).
+  call (what the branch's small ops cost in the network);
+- SB's bn1, ReLU and squeeze in training as one function over C++ loops
+  (``mmctx.models.norm_squeeze``) vs the plain ops, on the second block of
+  each stage (forward + backward) and the whole SB-ResNet-50 training
+  step.
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --tables norm-gate
@@ -59,6 +63,7 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
     python tools/analysis/fast_path_ab.py --tables few-maps inference
     python tools/analysis/fast_path_ab.py --tables sb-tail
     python tools/analysis/fast_path_ab.py --tables offset-dot inference
+    python tools/analysis/fast_path_ab.py --tables sb-head
 """
 import argparse
 import math
@@ -79,7 +84,7 @@ from mmctx.benchmark import (BACKBONES, TrainingStep,  # noqa: E402
 from mmctx.models.backbones.gated_bottleneck import (  # noqa: E402
     GatedBottleneck)
 from mmctx.models import (gather_excite, gating,  # noqa: E402
-                          norm_gate, norm_pixel_gate,
+                          norm_gate, norm_pixel_gate, norm_squeeze,
                           patch_spatial_interaction)
 from mmctx.models.gating import (_channel_dots, _dot_hw,  # noqa: E402
                                  _kernel_grad)
@@ -95,7 +100,8 @@ from mmctx.models.utils import (adaptive_avg_pool2d_banded,  # noqa: E402
 NETWORKS = ['GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50']
 # tables, each printed by <name>_table
 TABLES = ['pooling', 'reduction', 'network', 'pixel-gate', 'block',
-          'norm-gate', 'few-maps', 'offset-dot', 'inference', 'sb-tail']
+          'norm-gate', 'few-maps', 'offset-dot', 'inference', 'sb-tail',
+          'sb-head']
 
 
 def parse_args():
@@ -711,6 +717,51 @@ def sb_tail_rows(shape, block_shape, batch, repeats, network_repeats):
         use(True)
 
 
+def sb_head_rows(shape, block_shape, batch, repeats, network_repeats):
+    """SB's bn1, ReLU and squeeze in training as one function
+    (:mod:`mmctx.models.norm_squeeze`) / the plain ops: the second block of
+    each stage (forward + backward) and the whole training step."""
+    applies = norm_squeeze.applies
+
+    def use(fast):
+        norm_squeeze.applies = applies if fast else (lambda *args: False)
+
+    net = MODELS.build(BACKBONES['SB-R50'])
+    net.init_weights()
+    try:
+        for batch_, size_ in ((batch, block_shape), (1, shape)):
+            for stage in (1, 2, 3, 4):
+                block = getattr(net, f'layer{stage}')[1]
+                scale = 2**(stage + 1)
+                x = torch.randn(batch_, 128 * 2**stage, size_[0] // scale,
+                                size_[1] // scale).relu_().requires_grad_()
+
+                def run(fast):
+                    use(fast)
+                    block_pass(block, x, True)
+
+                ratio, fast, slow = time_two_paths(
+                    lambda: run(True), lambda: run(False), repeats)
+                yield (f'| block, stage {stage} | '
+                       f'{"x".join(map(str, x.shape))} | {slow:.2f} → '
+                       f'{fast:.2f} ({ratio:.3f}) |')
+        for batch_, size_ in ((batch, block_shape), (1, shape)):
+            x = torch.randn(batch_, 3, *size_)
+            step = TrainingStep(net)
+
+            def run_step(fast):
+                use(fast)
+                step(x)
+
+            ratio, fast, slow = time_two_paths(
+                lambda: run_step(True), lambda: run_step(False),
+                network_repeats)
+            yield (f'| SB-R50 train step | {batch_}x3x{size_[0]}x{size_[1]}'
+                   f' | {slow:.0f} → {fast:.0f} ({ratio:.3f}) |')
+    finally:
+        use(True)
+
+
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
@@ -857,6 +908,17 @@ def sb_tail_table(args):
         '| module | input | train: forward + backward | eval |\n'
         '|---|---|---:|---:|',
         sb_tail_rows(size(args.shape), size(args.block_shape), args.batch,
+                     args.repeats, args.network_repeats))
+
+
+
+def sb_head_table(args):
+    print_table(
+        '\n## SB\'s bn1, ReLU and squeeze in training: the plain ops → one '
+        'function over C++ loops (`norm_squeeze`), forward + backward, ms '
+        '(median ratio)\n',
+        '| module | input | train: forward + backward |\n|---|---|---:|',
+        sb_head_rows(size(args.shape), size(args.block_shape), args.batch,
                      args.repeats, args.network_repeats))
 
 

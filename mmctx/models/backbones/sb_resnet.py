@@ -8,7 +8,7 @@ from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import norm_rank
+from .. import norm_rank, norm_squeeze
 from ..spatial_bias import SpatialBias
 from ..norm_gate import kernels, step_statistics
 from ..utils import (PointwiseConv2d, build_pointwise_conv, check_choice,
@@ -167,14 +167,24 @@ class SBBottleneck(Bottleneck):
 
     def forward_train(self, x):
         """The upstream forward in training, without the concatenation:
-        bn2 on conv2's map and on the bias maps separately (its statistics
-        are per channel), conv3 on conv2's channels, then bn3 of that plus
-        the bias maps' rank-k term, the residual add and the ReLU as one
-        function (:mod:`mmctx.models.norm_rank`); call where
+        bn1, its ReLU and the branch's squeeze as one function
+        (:mod:`mmctx.models.norm_squeeze`), bn2 on conv2's map and on the
+        bias maps separately (its statistics are per channel), conv3 on
+        conv2's channels, then bn3 of that plus the bias maps' rank-k term,
+        the residual add and the ReLU as one function
+        (:mod:`mmctx.models.norm_rank`); call where
         :meth:`_training_applies`."""
-        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.conv1(x)
+        branch = self.spatial_bias
+        if norm_squeeze.applies(self.norm1, self.relu, branch.squeeze, out):
+            # bn1, the ReLU and the branch's squeeze as one function
+            out, squeezed = norm_squeeze.norm_relu_squeeze(
+                out, self.norm1, branch.squeeze)
+        else:
+            out = self.relu(self.norm1(out))
+            squeezed = branch.squeeze(out)
         main = self.conv2.forward(out)  # the forward without the join hook
-        bias = self.spatial_bias.spatial_bias(out, main.shape[-2:])
+        bias = branch.spatial_bias_of_squeezed(squeezed, main.shape[-2:])
         norm2, planes = self.norm2, self.planes
         for layer in (norm2, self.conv3):
             compose(layer)

@@ -751,6 +751,157 @@ void dispatch_rank(int64_t k, F f) {
   }
 }
 
+// Spatial Bias's bn1 + ReLU + squeeze in training (mmctx/models/
+// norm_squeeze.py), backward. At bn1's output (out, the ReLU's output) the
+// gradient is grad plus the squeeze's, weight^T grad_maps, through ReLU's
+// mask: g = (out > 0) (grad + weight^T grad_maps), formed per pixel (the
+// squeeze's few maps as a rank term, rank_at) and never written out. The
+// plain ops write the squeeze's gradient, add it to conv2's, write the
+// ReLU's and read that twice in BatchNorm's backward.
+void check_squeeze_grads(const torch::Tensor& weight, const torch::Tensor& x,
+                         const torch::Tensor& grad, const torch::Tensor& out,
+                         const torch::Tensor& grad_maps) {
+  check_few_maps(weight, x);
+  check_map(grad, x, "grad");
+  check_map(out, x, "out");
+  TORCH_CHECK(grad_maps.device().is_cpu() && grad_maps.is_contiguous() &&
+                  grad_maps.scalar_type() == x.scalar_type() &&
+                  grad_maps.numel() ==
+                      x.size(0) * weight.size(0) * x.size(2) * x.size(3),
+              "grad_maps must be a contiguous CPU (B, O, H, W) tensor");
+}
+
+// Per row (b, c): the sum of g and its dot product with x (bn1's input), in
+// double (float over each chunk); with need_weight the squeeze weight's
+// gradient, (O, C): sum over pixels of grad_maps[b, o] * out[b, c].
+std::vector<torch::Tensor> relu_few_maps_grad_moments(
+    torch::Tensor grad, torch::Tensor out, torch::Tensor x,
+    torch::Tensor weight, torch::Tensor grad_maps, bool need_weight) {
+  check_squeeze_grads(weight, x, grad, out, grad_maps);
+  const int64_t size = kChunk;
+  const int64_t batch = x.size(0), outs = weight.size(0),
+                channels = x.size(1), n = x.size(2) * x.size(3),
+                chunks = (n + size - 1) / size, tasks = batch * chunks;
+  auto opts = x.options().dtype(torch::kFloat64);
+  auto sums = torch::empty({batch, chunks, channels}, opts);
+  auto dots = torch::empty({batch, chunks, channels}, opts);
+  auto partial = need_weight ? torch::empty({tasks, outs, channels}, opts)
+                             : torch::Tensor();
+  auto per_channel = weight.t().contiguous();  // (C, O)
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_few_maps_grad_moments",
+                             [&] {
+    const scalar_t *wp = per_channel.data_ptr<scalar_t>(),
+                   *xp = x.data_ptr<scalar_t>(), *gp = grad.data_ptr<scalar_t>(),
+                   *op = out.data_ptr<scalar_t>(),
+                   *gmp = grad_maps.data_ptr<scalar_t>();
+    double *sp = sums.data_ptr<double>(), *dp = dots.data_ptr<double>();
+    double* pp = need_weight ? partial.data_ptr<double>() : nullptr;
+    dispatch_rank(outs, [&](auto rank) {
+      constexpr int K = decltype(rank)::value;
+      for_pixel_chunks(batch, n, [&](int64_t b, int64_t chunk, int64_t i0,
+                                     int64_t i1) {
+        const int64_t t = b * chunks + chunk;
+        const scalar_t* gmb = gmp + b * outs * n;
+        double* task = need_weight ? pp + t * outs * channels : nullptr;
+        // the squeeze weight's gradient, four channels' dot products per
+        // gradient row read (as in few_maps_product_backward)
+        int64_t c4 = 0;
+        for (; need_weight && c4 + 4 <= channels; c4 += 4) {
+          const scalar_t *o0 = op + (b * channels + c4) * n, *o1 = o0 + n,
+                         *o2 = o1 + n, *o3 = o2 + n;
+          for (int64_t o = 0; o < outs; ++o) {
+            const scalar_t* gm = gmb + o * n;
+            scalar_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+            _Pragma("omp simd reduction(+ : d0, d1, d2, d3)")
+            for (int64_t i = i0; i < i1; ++i) {
+              d0 += gm[i] * o0[i];
+              d1 += gm[i] * o1[i];
+              d2 += gm[i] * o2[i];
+              d3 += gm[i] * o3[i];
+            }
+            double* w = task + o * channels + c4;
+            w[0] = d0, w[1] = d1, w[2] = d2, w[3] = d3;
+          }
+        }
+        for (int64_t c = 0; c < channels; ++c) {
+          const int64_t row = (b * channels + c) * n;
+          const scalar_t *orow = op + row, *xr = xp + row, *gr = gp + row,
+                         *wc = wp + c * outs;
+          if (need_weight && c >= c4) {
+            for (int64_t o = 0; o < outs; ++o) {
+              const scalar_t* gm = gmb + o * n;
+              scalar_t d = 0;
+              _Pragma("omp simd reduction(+ : d)")
+              for (int64_t i = i0; i < i1; ++i) d += gm[i] * orow[i];
+              task[o * channels + c] = d;
+            }
+          }
+          scalar_t s = 0, d = 0;
+          _Pragma("omp simd reduction(+ : s, d)")
+          for (int64_t i = i0; i < i1; ++i) {
+            const scalar_t g = rank_at<K>(gr, gmb, wc, n, outs, i);
+            const scalar_t v = orow[i] > scalar_t(0) ? g : scalar_t(0);
+            s += v;
+            d += v * xr[i];
+          }
+          sp[t * channels + c] = s;
+          dp[t * channels + c] = d;
+        }
+      }, size);
+    });
+  });
+  auto grad_weight = need_weight
+      ? partial.sum(0).to(x.scalar_type()) : torch::Tensor();
+  return {sums.sum(1), dots.sum(1), grad_weight};
+}
+
+// x's gradient through bn1: g_scale[c] * g + x_scale[c] * x + shift[c].
+torch::Tensor relu_few_maps_combine(torch::Tensor grad, torch::Tensor out,
+                                    torch::Tensor x, torch::Tensor weight,
+                                    torch::Tensor grad_maps,
+                                    torch::Tensor g_scale,
+                                    torch::Tensor x_scale,
+                                    torch::Tensor shift) {
+  check_squeeze_grads(weight, x, grad, out, grad_maps);
+  const int64_t size = kChunk;
+  const int64_t batch = x.size(0), outs = weight.size(0),
+                channels = x.size(1), n = x.size(2) * x.size(3);
+  auto result = torch::empty_like(x);
+  auto per_channel = weight.t().contiguous();  // (C, O)
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_few_maps_combine", [&] {
+    auto gs = values_like(g_scale, x), xs = values_like(x_scale, x),
+         sh = values_like(shift, x);
+    const scalar_t *wp = per_channel.data_ptr<scalar_t>(),
+                   *xp = x.data_ptr<scalar_t>(), *gp = grad.data_ptr<scalar_t>(),
+                   *op = out.data_ptr<scalar_t>(),
+                   *gmp = grad_maps.data_ptr<scalar_t>(),
+                   *gsp = gs.data_ptr<scalar_t>(), *xsp = xs.data_ptr<scalar_t>(),
+                   *shp = sh.data_ptr<scalar_t>();
+    scalar_t* rp = result.data_ptr<scalar_t>();
+    dispatch_rank(outs, [&](auto rank) {
+      constexpr int K = decltype(rank)::value;
+      for_pixel_chunks(batch, n, [&](int64_t b, int64_t, int64_t i0,
+                                     int64_t i1) {
+        const scalar_t* gmb = gmp + b * outs * n;
+        for (int64_t c = 0; c < channels; ++c) {
+          const int64_t row = (b * channels + c) * n;
+          const scalar_t *orow = op + row, *xr = xp + row, *gr = gp + row,
+                         *wc = wp + c * outs;
+          scalar_t* rr = rp + row;
+          const scalar_t a = gsp[c], bx = xsp[c], s = shp[c];
+          _Pragma("omp simd")
+          for (int64_t i = i0; i < i1; ++i) {
+            const scalar_t g = rank_at<K>(gr, gmb, wc, n, outs, i);
+            rr[i] = (orow[i] > scalar_t(0) ? a * g : scalar_t(0)) +
+                    bx * xr[i] + s;
+          }
+        }
+      }, size);
+    });
+  });
+  return result;
+}
+
 // Two sums per row r of n values, into s1[r] and s2[r] (double): chunk(r,
 // c0, c1) returns a chunk's two sums, taken in float (vectorised), added
 // up in double.
@@ -1225,4 +1376,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_shift_relu_pool_windows", &scale_shift_relu_pool_windows);
   m.def("upsample_scale_shift_relu", &upsample_scale_shift_relu);
   m.def("channel_dots", &channel_dots);
+  m.def("relu_few_maps_grad_moments", &relu_few_maps_grad_moments);
+  m.def("relu_few_maps_combine", &relu_few_maps_combine);
 }
