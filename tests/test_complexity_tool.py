@@ -66,7 +66,7 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
-    """tools/analysis/fast_path_ab.py prints all fourteen tables, every stage,
+    """tools/analysis/fast_path_ab.py prints all fifteen tables, every stage,
     setting and gated model, with positive times and ratios."""
     stdout = run([
         sys.executable, repo_root / 'tools' / 'analysis' /
@@ -79,7 +79,7 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
               for section in stdout.split('\n## ')[1:]]
     (pools, reductions, networks, pixel_gates, blocks, norm_gates,
      norm_gate_networks, few_maps, fused_squeezes, pooled_dots,
-     offset_dots, inference, sb_tail, sb_head) = tables
+     offset_dots, inference, sb_tail, sb_head, kernel_grads) = tables
 
     def numbers(cell):
         return [float(v) for v in cell.replace('/', '→').split('→')]
@@ -174,6 +174,19 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
         ('SB-R50 train step', '2x3x32x32'),
         ('SB-R50 train step', '1x3x64x96')]
     for r in sb_head:  # plain → fused (ratio), forward + backward
+        before, after = r[2].split('(')
+        assert all(v > 0 for v in numbers(before)), r
+        assert float(after.strip(' )')) > 0, r
+    assert [(r[0].strip(), r[1].strip()) for r in kernel_grads] == [
+        ('kernel gradient, stage 1', '256x16x24 → 56'),
+        ('kernel gradient, stage 2', '512x8x12 → 28'),
+        ('kernel gradient, stage 3', '1024x4x6 → 14'),
+        ('kernel gradient, stage 4', '2048x2x3 → 7'),
+        ('GE-θ-R50 train step', '1x3x64x96'),
+        ('GE-θ⁺-R50 train step', '1x3x64x96')]
+    for r in kernel_grads[:4]:  # banded GEMMs → loops (ms, 2 decimals)
+        assert all(v >= 0 for v in numbers(r[2])), r
+    for r in kernel_grads[4:]:
         before, after = r[2].split('(')
         assert all(v > 0 for v in numbers(before)), r
         assert float(after.strip(' )')) > 0, r

@@ -39,8 +39,10 @@ def random_gate(channels, variant, size, dtype):
 @pytest.mark.parametrize('size', [(7, 9), (16, 24), (4, 4), (3, 4)])
 def test_resample_adjoint_is_the_adjoint_of_the_resampling(size):
     """<x, resample_adjoint(k)> = <resample_to(x), k> for every map x, and
-    its gradient is the resampling (``gradcheck``)."""
-    from torch.autograd import gradcheck
+    its gradient is the resampling (``gradcheck``; off the grid's size the
+    C++ pooling, ``adaptive_avg_pool``, equal to ``F.adaptive_avg_pool2d``
+    in float32 too; second derivatives through the banded GEMMs)."""
+    from torch.autograd import gradcheck, gradgradcheck
 
     from mmctx.models.norm_gate import resample_adjoint
     from mmctx.models.utils import resample_to
@@ -51,6 +53,16 @@ def test_resample_adjoint_is_the_adjoint_of_the_resampling(size):
         (x * resample_adjoint(kernel, size)).sum((2, 3)),
         (resample_to(x, (4, 4)) * kernel).sum((2, 3)))
     assert gradcheck(lambda k: resample_adjoint(k, size), (kernel, ))
+    assert gradgradcheck(lambda k: resample_adjoint(k, size), (kernel, ))
+    for dtype in (torch.float32, torch.float64):
+        k = kernel.detach().to(dtype).requires_grad_()
+        grad = torch.randn(3, *size, dtype=dtype)
+        resample_adjoint(k, size).backward(grad)
+        torch.testing.assert_close(
+            k.grad, F.adaptive_avg_pool2d(grad[None], (4, 4))[0])
+    ops = norm_gate.kernels()
+    with pytest.raises(RuntimeError, match='x must be a contiguous'):
+        ops.adaptive_avg_pool(torch.randn(2, 5, 5).transpose(1, 2), 2, 2)
 
 
 def test_kernels_build_on_this_machine():

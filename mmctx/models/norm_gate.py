@@ -220,12 +220,17 @@ class _PoolAdjoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kernel, size, ops):
-        ctx.grid = kernel.shape[-2:]
+        ctx.grid, ctx.ops = kernel.shape[-2:], ops
         return ops.pool_adjoint(kernel.contiguous(), *size)
 
     @staticmethod
     def backward(ctx, grad):
-        return adaptive_avg_pool2d_banded(grad, ctx.grid), None, None
+        if torch.is_grad_enabled() or not grad.is_contiguous() \
+                or grad.dtype not in (torch.float32, torch.float64):
+            # second derivatives: the banded GEMMs, autograd ops
+            return adaptive_avg_pool2d_banded(grad, ctx.grid), None, None
+        # one read of the (C, H, W) gradient (C++ loops)
+        return ctx.ops.adaptive_avg_pool(grad, *ctx.grid), None, None
 
 
 def resample_adjoint(kernel, size):

@@ -54,7 +54,12 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
 - SB's bn1, ReLU and squeeze in training as one function over C++ loops
   (``mmctx.models.norm_squeeze``) vs the plain ops, on the second block of
   each stage (forward + backward) and the whole SB-ResNet-50 training
-  step.
+  step;
+- GE-θ's kernel gradient off its reference size in training (the (C, H,
+  W) gradient of the resampling's adjoint pooled to the kernel's grid):
+  the banded GEMMs vs C++ loops (``adaptive_avg_pool``) on each stage's
+  map at ``--shape``, and the whole GE-θ / θ⁺-ResNet-50 training steps at
+  ``--shape`` batch 1 with either.
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --tables norm-gate
@@ -63,7 +68,7 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
     python tools/analysis/fast_path_ab.py --tables few-maps inference
     python tools/analysis/fast_path_ab.py --tables sb-tail
     python tools/analysis/fast_path_ab.py --tables offset-dot inference
-    python tools/analysis/fast_path_ab.py --tables sb-head
+    python tools/analysis/fast_path_ab.py --tables sb-head kernel-grad
 """
 import argparse
 import math
@@ -101,7 +106,7 @@ NETWORKS = ['GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50']
 # tables, each printed by <name>_table
 TABLES = ['pooling', 'reduction', 'network', 'pixel-gate', 'block',
           'norm-gate', 'few-maps', 'offset-dot', 'inference', 'sb-tail',
-          'sb-head']
+          'sb-head', 'kernel-grad']
 
 
 def parse_args():
@@ -762,6 +767,46 @@ def sb_head_rows(shape, block_shape, batch, repeats, network_repeats):
         use(True)
 
 
+def kernel_grad_rows(shape, repeats, network_repeats):
+    """GE-θ's kernel gradient off the reference size: the (C, H, W)
+    gradient pooled to the kernel's grid by the banded GEMMs / the C++
+    loops; and the whole training steps with either."""
+    ops = norm_gate.kernels()
+    height, width = (math.ceil(side / 4) for side in shape)
+    for stage in range(4):
+        channels, grid = 256 * 2**stage, 56 // 2**stage
+        grad = torch.randn(channels, height, width)
+        _, fast, slow = time_two_paths(
+            lambda: ops.adaptive_avg_pool(grad, grid, grid),
+            lambda: adaptive_avg_pool2d_banded(grad, (grid, grid)), repeats)
+        yield (f'| kernel gradient, stage {stage + 1} | {channels}x{height}'
+               f'x{width} → {grid} | {slow:.2f} → {fast:.2f} |')
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+    adjoint = norm_gate._PoolAdjoint
+    loops = adjoint.backward
+
+    def banded(ctx, grad):
+        return adaptive_avg_pool2d_banded(grad, ctx.grid), None, None
+
+    x = torch.randn(1, 3, *shape)
+    for name in ('GE-θ-R50', 'GE-θ⁺-R50'):
+        net = MODELS.build(BACKBONES[name])
+        net.init_weights()
+        step = TrainingStep(net)
+
+        def run(fast):
+            adjoint.backward = loops if fast else banded
+            step(x)
+
+        try:
+            ratio, fast, slow = time_two_paths(
+                lambda: run(True), lambda: run(False), network_repeats)
+        finally:
+            adjoint.backward = loops
+        yield (f'| {name} train step | 1x3x{shape[0]}x{shape[1]} | '
+               f'{slow:.0f} → {fast:.0f} ({ratio:.3f}) |')
+
+
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
@@ -920,6 +965,16 @@ def sb_head_table(args):
         '| module | input | train: forward + backward |\n|---|---|---:|',
         sb_head_rows(size(args.shape), size(args.block_shape), args.batch,
                      args.repeats, args.network_repeats))
+
+
+
+def kernel_grad_table(args):
+    print_table(
+        '\n## GE-θ\'s kernel gradient off the reference size: banded GEMMs '
+        '→ C++ loops (`adaptive_avg_pool`), ms (median ratio)\n',
+        '| op | input | ms |\n|---|---|---:|',
+        kernel_grad_rows(size(args.shape), args.repeats,
+                         args.network_repeats))
 
 
 if __name__ == '__main__':

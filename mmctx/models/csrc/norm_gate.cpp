@@ -232,7 +232,8 @@ torch::Tensor pool_adjoint(torch::Tensor kernel, int64_t height,
   const int64_t channels = kernel.size(0), h = kernel.size(1),
                 w = kernel.size(2);
   const auto rows = pool_windows(height, h), cols = pool_windows(width, w);
-  auto out = torch::zeros({channels, height, width}, kernel.options());
+  const auto holders = window_holders(rows, height);
+  auto out = torch::empty({channels, height, width}, kernel.options());
   AT_DISPATCH_FLOATING_TYPES(kernel.scalar_type(), "pool_adjoint", [&] {
     const scalar_t* kp = kernel.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -249,15 +250,72 @@ torch::Tensor pool_adjoint(torch::Tensor kernel, int64_t height,
             for (int64_t x = start; x < end; ++x) sr[x] += v;
           }
         }
+        for (int64_t i = 0; i < h; ++i) {  // the 1 / rows of each window
+          const scalar_t inv =
+              scalar_t(1) / scalar_t(rows[i].second - rows[i].first);
+          scalar_t* sr = spread.data() + i * width;
+          _Pragma("omp simd")
+          for (int64_t x = 0; x < width; ++x) sr[x] *= inv;
+        }
+        // each output row written once: the sum of its windows' rows
         scalar_t* oc = op + c * height * width;
-        for (int64_t i = 0; i < h; ++i) {
-          const auto [start, end] = rows[i];
-          const scalar_t inv = scalar_t(1) / scalar_t(end - start);
-          const scalar_t* sr = spread.data() + i * width;
-          for (int64_t y = start; y < end; ++y) {
-            scalar_t* orow = oc + y * width;
+        for (int64_t y = 0; y < height; ++y) {
+          scalar_t* orow = oc + y * width;
+          const auto& windows = holders[y];
+          const scalar_t* first = spread.data() + windows[0] * width;
+          _Pragma("omp simd")
+          for (int64_t x = 0; x < width; ++x) orow[x] = first[x];
+          for (size_t a = 1; a < windows.size(); ++a) {
+            const scalar_t* sr = spread.data() + windows[a] * width;
             _Pragma("omp simd")
-            for (int64_t x = 0; x < width; ++x) orow[x] += sr[x] * inv;
+            for (int64_t x = 0; x < width; ++x) orow[x] += sr[x];
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Adaptive average pooling of (N, H, W) planes to (N, h, w), as
+// F.adaptive_avg_pool2d: one read of each plane, each input row added
+// (vectorised) to the rows of the windows that hold it, an (h, W) buffer
+// in cache, then the window sums along W. The gradient of pool_adjoint's
+// kernel (GE-θ's global gather off its reference size in training), where
+// the banded GEMMs read the (C, H, W) gradient about three times over.
+torch::Tensor adaptive_avg_pool(torch::Tensor x, int64_t h, int64_t w) {
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu() && x.is_contiguous(),
+              "x must be a contiguous (N, H, W) CPU tensor");
+  TORCH_CHECK(h > 0 && w > 0, "the output size must be positive");
+  const int64_t planes = x.size(0), height = x.size(1), width = x.size(2);
+  const auto rows = pool_windows(height, h), cols = pool_windows(width, w);
+  const auto holders = window_holders(rows, height);
+  auto out = torch::empty({planes, h, w}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptive_avg_pool", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<scalar_t> sums(h * width);
+      for (int64_t p = p0; p < p1; ++p) {
+        std::fill(sums.begin(), sums.end(), scalar_t(0));
+        const scalar_t* xr = xp + p * height * width;
+        for (int64_t y = 0; y < height; ++y) {
+          const scalar_t* row = xr + y * width;
+          for (const int64_t a : holders[y]) {
+            scalar_t* acc = sums.data() + a * width;
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < width; ++i) acc[i] += row[i];
+          }
+        }
+        scalar_t* oc = op + p * h * w;
+        for (int64_t a = 0; a < h; ++a) {
+          const scalar_t* acc = sums.data() + a * width;
+          const int64_t row_count = rows[a].second - rows[a].first;
+          for (int64_t j = 0; j < w; ++j) {
+            const auto [start, end] = cols[j];
+            scalar_t window = 0;
+            for (int64_t i = start; i < end; ++i) window += acc[i];
+            oc[a * w + j] = window / scalar_t(row_count * (end - start));
           }
         }
       }
@@ -1358,6 +1416,7 @@ torch::Tensor channel_dots(torch::Tensor x, torch::Tensor kernel) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_adjoint", &pool_adjoint);
+  m.def("adaptive_avg_pool", &adaptive_avg_pool);
   m.def("row_moments", &row_moments);
   m.def("scale_shift_add_relu", &scale_shift_add_relu);
   m.def("relu_grad_moments", &relu_grad_moments);
