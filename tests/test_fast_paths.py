@@ -593,9 +593,10 @@ def test_inference_tails_equal_the_upstream_block(backbone, monkeypatch):
     """In inference GE and PSI blocks run bn3, the gate, the add and the
     ReLU as one pass (``forward_inference_tail``): the outputs equal the
     upstream forward's (autograd on) with real weights and BN statistics,
-    at the reference size, another size and batch 1. Channels_last maps,
-    a hooked bn3 and missing loops take the other paths, with the same
-    outputs."""
+    at the reference size, another size and batch 1. The tails write over
+    conv3's output, except where a hook of conv3 may have kept it (then the
+    kept map is left as conv3 wrote it). Channels_last maps, a hooked bn3
+    and missing loops take the other paths, with the same outputs."""
     from mmctx.models import norm_gate, norm_pixel_gate
     torch.manual_seed(0)
     net = MODELS.build(dict(backbone, depth=50, reference_input_size=64,
@@ -609,14 +610,16 @@ def test_inference_tails_equal_the_upstream_block(backbone, monkeypatch):
     tails = []
     for gate in gates:
         monkeypatch.setattr(gate, 'forward_inference_tail', (
-            lambda real: lambda *args: tails.append(1) or real(*args))(
-                gate.forward_inference_tail))
+            lambda real: lambda *args, **kwargs: tails.append(
+                kwargs['in_place']) or real(*args, **kwargs))(
+                    gate.forward_inference_tail))
 
-    def check(x, fused_blocks, **kwargs):
+    def check(x, fused_blocks, in_place=None):
         tails.clear()
         with torch.no_grad():
             fast = net(x)
         assert len(tails) == fused_blocks
+        assert tails == (in_place or [True] * fused_blocks)
         tails.clear()
         plain = net(x)  # autograd records: the upstream forward
         assert not tails
@@ -630,6 +633,14 @@ def test_inference_tails_equal_the_upstream_block(backbone, monkeypatch):
     handle = net.layer1[0].norm3.register_forward_hook(lambda m, i, o: None)
     check(x, 15)
     handle.remove()
+    kept = []
+    handle = net.layer2[1].conv3.register_forward_hook(
+        lambda m, i, o: kept.append((o, o.clone())))
+    check(x, 16, in_place=[True] * 4 + [False] + [True] * 11)
+    handle.remove()
+    assert len(kept) == 2  # the fast forward's and the upstream's
+    for map_, as_written in kept:
+        assert torch.equal(map_, as_written)
     monkeypatch.setattr(norm_gate, 'kernels', lambda: None)
     monkeypatch.setattr(norm_pixel_gate, 'kernels', lambda: None)
     check(x, 0)
@@ -875,6 +886,50 @@ def test_rank_tail_equals_the_plain_ops(dtype, shape):
                                rtol=tol, atol=tol * u.shape[-1] * u.shape[-2])
     with pytest.raises(RuntimeError, match='maps must be'):
         ops.rank_row_moments(z, weight, maps[:, :2])
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('shape', [(2, 8, 5, 7), (1, 4, 40, 33)])
+def test_gate_tails_write_a_new_map_or_in_place(dtype, shape):
+    """GE's and PSI's tail loops, relu(identity + z * a + b) per row and
+    relu(identity + (z * a + b) * w) per pixel: the same into a new map,
+    into a given one and in place on z (the inference tails' choice); an
+    out of another shape is refused by name."""
+    from mmctx.models.norm_gate import kernels
+    ops = kernels()
+    torch.manual_seed(0)
+    batch, channels, height, width = shape
+    z, identity = torch.randn(2, *shape, dtype=dtype)
+    row_scale, row_shift = torch.randn(2, batch * channels, dtype=torch.float64)
+    scale, shift = torch.randn(2, channels, dtype=torch.float64)
+    weights = torch.rand(batch, height, width, dtype=dtype)
+    per_row = F.relu(identity + z * row_scale.view(batch, channels, 1, 1)
+                     .to(dtype) + row_shift.view(batch, channels, 1, 1)
+                     .to(dtype))
+    per_pixel = F.relu(identity + (z * scale.to(dtype)[:, None, None]
+                                   + shift.to(dtype)[:, None, None])
+                       * weights[:, None])
+    tol = 1e-12 if dtype is torch.float64 else 1e-5
+    for out in (None, torch.empty_like(z), 'z'):
+        z_in = z.clone()
+        target = z_in if out == 'z' else out
+        got = ops.scale_shift_add_relu(z_in, identity, row_scale, row_shift,
+                                       target)
+        torch.testing.assert_close(got, per_row, rtol=tol, atol=tol)
+        if target is not None:
+            assert got.data_ptr() == target.data_ptr()
+        z_in = z.clone()
+        target = z_in if out == 'z' else out
+        got = ops.pixel_scale_shift_add_relu(z_in, identity, scale, shift,
+                                             weights, target)
+        torch.testing.assert_close(got, per_pixel, rtol=tol, atol=tol)
+        if target is not None:
+            assert got.data_ptr() == target.data_ptr()
+    with pytest.raises(RuntimeError, match='out must be'):
+        ops.scale_shift_add_relu(z, identity, row_scale, row_shift, z[:, :1])
+    with pytest.raises(RuntimeError, match='out must be'):
+        ops.pixel_scale_shift_add_relu(z, identity, scale, shift, weights,
+                                       z.transpose(2, 3))
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])

@@ -290,9 +290,11 @@ class GatherExcite(BaseModule):
         (:func:`mmctx.models.norm_gate.inference_applies`)."""
         return norm_gate.inference_applies(norm, z, identity, self)
 
-    def forward_inference_tail(self, z, identity, norm):
+    def forward_inference_tail(self, z, identity, norm, in_place=False):
         """``relu(identity + self(norm(z)))`` in inference: the norm folded
         into the gate, then one pass over the map
-        (:func:`mmctx.models.norm_gate.norm_gate_add_relu_inference`). Call
-        only where :meth:`inference_tail_applies`."""
-        return norm_gate.norm_gate_add_relu_inference(z, identity, norm, self)
+        (:func:`mmctx.models.norm_gate.norm_gate_add_relu_inference`), into
+        ``z`` itself with ``in_place``. Call only where
+        :meth:`inference_tail_applies`."""
+        return norm_gate.norm_gate_add_relu_inference(z, identity, norm, self,
+                                                      in_place)

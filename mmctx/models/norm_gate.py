@@ -115,7 +115,7 @@ class _NormGateAddReLU(torch.autograd.Function):
             gate = _head(gate_module)(context)
         gate_values = gate.detach().double()
         out = ops.scale_shift_add_relu(z, identity, scale * gate_values,
-                                       shift * gate_values)
+                                       shift * gate_values, None)
         update_running_statistics(running_mean, running_var, mean, var,
                                   count, factor)
         ctx.save_for_backward(z, weight, bias, kernel, out, *head_params)
@@ -389,16 +389,20 @@ def _global_gate_of(gate_module, z):
         or gate_module.gather.weight.dtype == z.dtype
 
 
-def norm_gate_add_relu_inference(z, identity, norm, gate_module):
+def norm_gate_add_relu_inference(z, identity, norm, gate_module,
+                                 in_place=False):
     """``relu(identity + gate_module(norm(z)))`` for an eval-mode ``norm``,
     in one pass over ``z`` after the gate's context: the norm folded into
     the gate (:meth:`GatherExcite.folded_gate`), then per row ``relu(
     identity + z * (a g) + b g)``, where the plain ops write the gated map,
-    the sum and the ReLU's output in three passes. Call only where
+    the sum and the ReLU's output in three passes. ``in_place``: the output
+    overwrites ``z`` (the caller's temporary; see
+    :meth:`GatedBottleneck.forward`). Call only where
     :func:`inference_applies`."""
     scale, shift = gate_module.folded_gate(z, norm)
     return kernels().scale_shift_add_relu(z, identity, scale.reshape(-1),
-                                          shift.reshape(-1))
+                                          shift.reshape(-1),
+                                          z if in_place else None)
 
 
 def norm_gate_add_relu(z, identity, norm, gate_module):

@@ -79,7 +79,7 @@ class _NormPixelGateAddReLU(torch.autograd.Function):
                 psi.patches_of_offset_maps(maps), (height, width))
         pixel_values = pixel_weights.detach().contiguous()
         out = ops.pixel_scale_shift_add_relu(z, identity, scale, shift,
-                                             pixel_values)
+                                             pixel_values, None)
         update_running_statistics(running_mean, running_var, mean, var,
                                   count, factor)
         ctx.save_for_backward(z, weight, bias, offset_weights, out,
@@ -186,14 +186,16 @@ def inference_applies(norm, z, identity, psi):
         norm, z, identity, psi) and kernels() is not None
 
 
-def norm_pixel_gate_add_relu_inference(z, identity, norm, psi):
+def norm_pixel_gate_add_relu_inference(z, identity, norm, psi,
+                                       in_place=False):
     """``relu(identity + psi(norm(z)))`` for an eval-mode ``norm``: the
     squeeze's per-offset maps of ``norm(z) = a z + b`` from ``z`` (one 1x1
     conv with the weights scaled by ``a``, plus a constant), the gate's
     small head, then ``relu(identity + (a z + b) w)`` in one pass, where
     the plain ops write the norm's output, the gated sum and the ReLU's in
     three passes and read the norm's output again for the squeeze. Equal to
-    the plain ops up to float rounding. Call only where
+    the plain ops up to float rounding. ``in_place``: the output
+    overwrites ``z`` (the caller's temporary). Call only where
     :func:`inference_applies`."""
     height, width = z.shape[-2:]
     scale, shift = eval_affine(norm, torch.float64)
@@ -201,4 +203,5 @@ def norm_pixel_gate_add_relu_inference(z, identity, norm, psi):
     pixel_weights = psi.pixel_weights_of_patches(
         psi.patches_of_offset_maps(maps), (height, width))
     return kernels().pixel_scale_shift_add_relu(z, identity, scale, shift,
-                                                pixel_weights.contiguous())
+                                                pixel_weights.contiguous(),
+                                                z if in_place else None)

@@ -194,14 +194,15 @@ class PatchSpatialInteraction(BaseModule):
         (:func:`mmctx.models.norm_pixel_gate.inference_applies`)."""
         return norm_pixel_gate.inference_applies(norm, z, identity, self)
 
-    def forward_inference_tail(self, z, identity, norm):
+    def forward_inference_tail(self, z, identity, norm, in_place=False):
         """``relu(identity + self(norm(z)))`` in inference: the squeeze
         from ``z`` with the norm folded in, then one pass over the map
         (:func:`mmctx.models.norm_pixel_gate.
-        norm_pixel_gate_add_relu_inference`). Call only where
+        norm_pixel_gate_add_relu_inference`), into ``z`` itself with
+        ``in_place``. Call only where
         :meth:`inference_tail_applies`."""
         return norm_pixel_gate.norm_pixel_gate_add_relu_inference(
-            z, identity, norm, self)
+            z, identity, norm, self, in_place)
 
 
 def offset_pooling_applies(maps, feature_size):

@@ -94,7 +94,10 @@ class GatedBottleneck(Bottleneck):
                 return gate.forward_tail(out, identity, norm3)
             if infer_fuses and gate.inference_tail_applies(norm3, out,
                                                            identity):
-                return gate.forward_inference_tail(out, identity, norm3)
+                # conv3's output is this block's temporary unless a hook
+                # of conv3 may have kept it: then the tail writes anew
+                return gate.forward_inference_tail(
+                    out, identity, norm3, in_place=not hooked(self.conv3))
             out = self.forward_plugin(norm3(out),
                                       self.after_conv3_plugin_names[:-1])
             out = gate.forward_residual(out, identity)

@@ -95,12 +95,23 @@ std::vector<torch::Tensor> row_moments(torch::Tensor z,
   return {sums, squares};
 }
 
-// relu(identity + z * scale[r] + shift[r]) per row r.
+// A new map like z, or the caller's out (z itself for in place: a store
+// into lines the pass has just read needs no read of its own, which a
+// fresh buffer's does; each loop reads a value before it writes it).
+static torch::Tensor output_like(const torch::Tensor& z,
+                          const c10::optional<torch::Tensor>& out) {
+  if (!out) return torch::empty_like(z);
+  check_map(*out, z, "out");
+  return *out;
+}
+
+// relu(identity + z * scale[r] + shift[r]) per row r, into out if given.
 torch::Tensor scale_shift_add_relu(torch::Tensor z, torch::Tensor identity,
-                                   torch::Tensor scale, torch::Tensor shift) {
+                                   torch::Tensor scale, torch::Tensor shift,
+                                   c10::optional<torch::Tensor> out_) {
   check_map(z, z, "z");
   check_map(identity, z, "identity");
-  auto out = torch::empty_like(z);
+  auto out = output_like(z, out_);
   const int64_t rows = z.size(0) * z.size(1), n = z.numel() / rows;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "scale_shift_add_relu", [&] {
     auto sc = values_like(scale, z), sh = values_like(shift, z);
@@ -408,17 +419,18 @@ void check_pixels(const torch::Tensor& weights, const torch::Tensor& z) {
 }
 
 // relu(identity + (z * scale[c] + shift[c]) * weights[b, i]) at pixel i of
-// row (b, c).
+// row (b, c), into out if given.
 torch::Tensor pixel_scale_shift_add_relu(torch::Tensor z,
                                          torch::Tensor identity,
                                          torch::Tensor scale,
                                          torch::Tensor shift,
-                                         torch::Tensor weights) {
+                                         torch::Tensor weights,
+                                         c10::optional<torch::Tensor> out_) {
   TORCH_CHECK(z.dim() == 4, "z must be (B, C, H, W)");
   check_map(z, z, "z");
   check_map(identity, z, "identity");
   check_pixels(weights, z);
-  auto out = torch::empty_like(z);
+  auto out = output_like(z, out_);
   const int64_t channels = z.size(1), rows = z.size(0) * channels,
                 n = z.numel() / rows;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "pixel_scale_shift_add_relu",
