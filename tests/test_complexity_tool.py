@@ -135,11 +135,12 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
     for r in fused_squeezes + pooled_dots:
         assert all(v >= 0 for v in numbers(r[-1])), r
     assert [(r[0].strip(), r[1].strip()) for r in offset_dots] == [
-        (f'PSI patches, stage {stage}', shape) for stage, shape in
+        (f'PSI {what}, stage {stage}', shape) for stage, shape in
         [(1, '2x16x8x8 → 16x16'), (2, '2x4x4x4 → 16x16'),
          (3, '2x1x2x2 → 16x16'), (4, '2x1x1x1 → 8x8'),
          (1, '1x16x16x24 → 16x16'), (2, '1x4x8x12 → 16x16'),
-         (3, '1x1x4x6 → 16x16'), (4, '1x1x2x3 → 8x8')]] + [
+         (3, '1x1x4x6 → 16x16'), (4, '1x1x2x3 → 8x8')]
+        for what in ('patches', 'patch loops')] + [
         (f'GE gather dots, stage {stage}', shape) for stage, shape in
         enumerate(['2x256x8x8', '2x512x4x4', '2x1024x2x2', '2x2048x1x1'], 1)]
     for r in offset_dots:
@@ -148,7 +149,8 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
         (name, size) for size in ('2x3x32x32', '1x3x64x96')
         for name in ('SB-R50', 'GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50',
                      'PSI-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'GE-θ-R50',
-                     'GE-θ⁺-R50', 'PSI-R50', 'SB-R50')]
+                     'GE-θ⁺-R50', 'PSI-R50', 'SB-R50', 'PSI-R50',
+                     'GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50')]
     for r in inference:
         assert all(v > 0 for v in numbers(r[3])) and float(r[4]) > 0
     assert [(r[0].strip(), r[1].strip()) for r in sb_tail] == [

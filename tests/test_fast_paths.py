@@ -1411,10 +1411,14 @@ def test_ge_excite_as_linear_matches_its_convs(dtype):
         F.linear = real
 
 
-def test_psi_offset_pooling_after_inference_mode_trains():
+def test_psi_offset_pooling_after_inference_mode_trains(monkeypatch):
     """PSI's per-offset pooling matrices are kept per size; built first
-    under ``torch.inference_mode`` they are still normal tensors, so a
-    later training step at that size can save them for its backward."""
+    under ``torch.inference_mode`` (here without the C++ loops, which
+    inference takes otherwise) they are still normal tensors, so a later
+    training step at that size can save them for its backward."""
+    from mmctx.models import patch_spatial_interaction
+    monkeypatch.setattr(patch_spatial_interaction,
+                        'offset_patch_loops_apply', lambda maps: False)
     torch.manual_seed(0)
     psi = PatchSpatialInteraction(16, feature_size=(16, 16), grid_size=4)
     x = torch.randn(2, 16, 12, 12)  # off the reference size
@@ -1425,3 +1429,59 @@ def test_psi_offset_pooling_after_inference_mode_trains():
     out.sum().backward()
     torch.testing.assert_close(out.detach(), expected)
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('feature_size, grid, size, batch', [
+    ((64, 64), 16, (56, 56), 2),  # 16 offset maps, up-sampling windows
+    ((64, 64), 16, (64, 64), 2),  # the reference size
+    ((64, 64), 16, (200, 304), 1),  # down-sampling, non-square
+    ((32, 32), 16, (28, 28), 3),  # 4 maps
+    ((16, 16), 16, (14, 14), 2),  # one map, one pixel per patch
+    ((12, 12), 4, (13, 9), 2),  # 9 maps, uneven windows both ways
+])
+def test_psi_offset_patch_loops_equal_the_pooling(dtype, feature_size, grid,
+                                                  size, batch):
+    """Without autograd, PSI's patch values from its per-offset maps come
+    from C++ loops (``offset_patches``) that sum each map's windows at its
+    own offset: equal to the per-offset pooling GEMMs and to resampling
+    every map to the reference grid and picking each patch's pixel, with
+    the gate's outputs equal too; autograd, export and missing loops keep
+    the torch ops; bad maps are refused by name."""
+    from mmctx.models import norm_gate, patch_spatial_interaction
+    from mmctx.models.utils import resample_to
+    torch.manual_seed(0)
+    psi = PatchSpatialInteraction(8, feature_size=feature_size,
+                                  grid_size=grid).to(dtype)
+    torch.nn.init.normal_(psi.squeeze.bias)
+    torch.nn.init.normal_(psi.mlp[-1].weight)  # a gate that varies
+    (ph, pw), (gh, gw) = psi.squeeze.kernel_size, psi.grid
+    maps = torch.randn(batch, ph * pw, *size, dtype=dtype)
+    assert patch_spatial_interaction.offset_patch_loops_apply(maps)
+    with torch.no_grad():
+        fast = psi.patches_of_offset_maps(maps)
+    recorded = maps.clone().requires_grad_()
+    assert not patch_spatial_interaction.offset_patch_loops_apply(recorded)
+    plain = psi.patches_of_offset_maps(recorded)
+    picked = resample_to(maps, feature_size).reshape(
+        batch, ph, pw, gh, ph, gw, pw)
+    picked = torch.einsum('zijaibj->zab', picked) + psi.squeeze.bias
+    tol = 1e-12 if dtype is torch.float64 else 1e-5
+    assert fast.dtype == dtype and fast.shape == (batch, gh, gw)
+    torch.testing.assert_close(fast, plain.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(fast, picked, rtol=tol, atol=tol)
+    x = torch.randn(batch, 8, *size, dtype=dtype)
+    with torch.no_grad():
+        fast_gate = psi(x)
+    torch.testing.assert_close(fast_gate, psi(x).detach(), rtol=tol,
+                               atol=tol)
+    with size_generic():
+        assert not patch_spatial_interaction.offset_patch_loops_apply(maps)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(norm_gate, 'kernels', lambda: None)
+        assert not patch_spatial_interaction.offset_patch_loops_apply(maps)
+    ops = norm_gate.kernels()
+    with pytest.raises(RuntimeError, match='maps must hold ph \\* pw'):
+        ops.offset_patches(maps, ph + 1, pw, gh, gw)
+    with pytest.raises(RuntimeError, match='maps must be a contiguous'):
+        ops.offset_patches(maps.transpose(2, 3), ph, pw, gh, gw)

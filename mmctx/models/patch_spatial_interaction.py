@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
-from . import norm_pixel_gate
+from . import norm_gate, norm_pixel_gate
 from .gating import pixel_gate_add
 from .utils import (_pool_matrix, check_init_cfg, check_positive_int,
                     check_real, check_size, pointwise_conv, resample_to,
@@ -136,6 +136,12 @@ class PatchSpatialInteraction(BaseModule):
         the maps resampled to the reference size, and each patch's pixels
         taken from the map of their offset."""
         (ph, pw), (gh, gw) = self.squeeze.kernel_size, self.grid
+        if offset_patch_loops_apply(maps):
+            # Without autograd: each map's windows at its own offset summed
+            # by C++ loops, one call where the ops below make about ten
+            patches = norm_gate.kernels().offset_patches(maps, ph, pw, gh,
+                                                         gw)
+            return patches + self.squeeze.bias.view(1, 1, 1)
         if offset_pooling_applies(maps, self.feature_size):
             # Off the reference size only the pixels at offset (i, j) of
             # each patch are read from map (i, j): pool them alone, as the
@@ -203,6 +209,18 @@ class PatchSpatialInteraction(BaseModule):
         :meth:`inference_tail_applies`."""
         return norm_pixel_gate.norm_pixel_gate_add_relu_inference(
             z, identity, norm, self, in_place)
+
+
+def offset_patch_loops_apply(maps):
+    """Whether :meth:`PatchSpatialInteraction.patches_of_offset_maps` runs
+    as C++ loops (``norm_gate.kernels().offset_patches``): eager code that
+    autograd does not record, contiguous float32 / float64 CPU maps, the
+    loops compiled."""
+    return not (torch.is_grad_enabled() and maps.requires_grad) \
+        and not size_generic_path(maps) and maps.device.type == 'cpu' \
+        and maps.is_contiguous() \
+        and maps.dtype in (torch.float32, torch.float64) \
+        and norm_gate.kernels() is not None
 
 
 def offset_pooling_applies(maps, feature_size):

@@ -34,15 +34,18 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
   pass vs the three ops; GE-θ's pooling and kernel dot product in one read
   (``norm_gate.pooled_dot``) vs the banded GEMMs and the dot product;
 - PSI's patches from its offset maps off the reference size (every map
-  resampled + einsum / each offset's pixels pooled by two GEMMs) and GE's
-  gather dot products at the reference size (batched GEMV / C++ loops,
-  ``channel_dots``), each stage's map (eval);
+  resampled + einsum / each offset's pixels pooled by two GEMMs / by C++
+  loops, ``offset_patches``) and GE's gather dot products at the
+  reference size (batched GEMV / C++ loops, ``channel_dots``), each
+  stage's map (eval);
 - the inference paths as whole networks: SB-ResNet-50 with / without
   ``SBBottleneck.forward_inference`` and with / without its branch in C++
   (``SpatialBias.inference_bias``), GE- and PSI-ResNet-50 with / without
   the fused inference tails (without: GE's norm3 fold, PSI's gate with the
   add), GE-θ/θ⁺ with / without ``pooled_dot`` and the gather's C++ dot
-  products, PSI with / without the per-offset pooling;
+  products, PSI with / without the per-offset pooling and its C++ loops,
+  and GE and PSI with the inference tails writing over conv3's output /
+  into a new map;
 - SB's blocks without the concatenation (``SBBottleneck.forward_train``,
   its tail over C++ loops, ``mmctx.models.norm_rank``; and
   ``forward_inference``) vs the upstream block, on the second block of
@@ -545,7 +548,9 @@ def offset_dot_rows(shape, block_shape, batch, repeats):
     offset) and GE's gather dot products at the reference size (batched
     GEMV / C++ loops), each stage's map, eval, ms."""
     net = MODELS.build(BACKBONES['PSI-R50'])
-    applies = patch_spatial_interaction.offset_pooling_applies
+    module = patch_spatial_interaction
+    applies = module.offset_pooling_applies
+    loops_apply = module.offset_patch_loops_apply
     for batch_, size_ in ((batch, block_shape), (1, shape)):
         height, width = (math.ceil(side / 4) for side in size_)
         for stage in range(1, 5):
@@ -554,21 +559,30 @@ def offset_dot_rows(shape, block_shape, batch, repeats):
             (ph, pw) = psi.squeeze.kernel_size
             maps = torch.randn(batch_, ph * pw, height, width)
 
-            def patches(pooled):
-                patch_spatial_interaction.offset_pooling_applies = \
+            def patches(pooled, loops=False):
+                module.offset_pooling_applies = \
                     applies if pooled else (lambda *args: False)
+                module.offset_patch_loops_apply = \
+                    loops_apply if loops else (lambda *args: False)
                 psi.patches_of_offset_maps(maps)
 
+            what = (f'{"x".join(map(str, maps.shape))} → {psi.grid[0]}x'
+                    f'{psi.grid[1]}')
             try:
                 with torch.no_grad():
-                    _, fast, slow = time_two_paths(
+                    _, pooled, resampled = time_two_paths(
                         lambda: patches(True), lambda: patches(False),
                         repeats)
+                    _, loops, gemms = time_two_paths(
+                        lambda: patches(True, True), lambda: patches(True),
+                        repeats)
             finally:
-                patch_spatial_interaction.offset_pooling_applies = applies
-            yield (f'| PSI patches, stage {stage} | '
-                   f'{"x".join(map(str, maps.shape))} → {psi.grid[0]}x'
-                   f'{psi.grid[1]} | {slow:.3f} → {fast:.3f} |')
+                module.offset_pooling_applies = applies
+                module.offset_patch_loops_apply = loops_apply
+            yield (f'| PSI patches, stage {stage} | {what} '
+                   f'| {resampled:.3f} → {pooled:.3f} |')
+            yield (f'| PSI patch loops, stage {stage} | {what} '
+                   f'| {gemms:.3f} → {loops:.3f} |')
             height, width = math.ceil(height / 2), math.ceil(width / 2)
     height = width = block_shape[0] // 4
     for stage in range(4):
@@ -594,9 +608,15 @@ def inference_rows(shape, block_shape, batch, repeats):
         'pooled': [(norm_gate, 'pooled_dot_applies', lambda *args: False)],
         'dots': [(gating, 'dot_loops_apply', lambda *args: False)],
         'offsets': [(patch_spatial_interaction, 'offset_pooling_applies',
+                     lambda *args: False),
+                    (patch_spatial_interaction, 'offset_patch_loops_apply',
                      lambda *args: False)],
         'branch': [(SpatialBias, 'inference_bias_applies',
                     lambda *args: False)],
+        'patch-loops': [(patch_spatial_interaction,
+                         'offset_patch_loops_apply', lambda *args: False)],
+        'overwrite': [(GatedBottleneck, '_tail_may_overwrite',
+                       lambda self: False)],
     }
     cases = [('SB-R50', 'SB-R50', 'bn1 + ReLU + squeeze in one pass, '
               'no concatenation, bn3 + rank-k term + add + ReLU in one '
@@ -607,9 +627,13 @@ def inference_rows(shape, block_shape, batch, repeats):
               for name in ('GE-θ-R50', 'GE-θ⁺-R50')]
     cases += [(name, 'dots', 'gather dot products as C++ loops')
               for name in ('GE-θ-R50', 'GE-θ⁺-R50')]
-    cases += [('PSI-R50', 'offsets', 'patches pooled per offset (GEMMs)'),
+    cases += [('PSI-R50', 'offsets', 'patches per offset, not resampled'),
               ('SB-R50', 'branch', 'branch after the squeeze in C++ '
-               '(`inference_bias`)')]
+               '(`inference_bias`)'),
+              ('PSI-R50', 'patch-loops', 'patches as C++ loops '
+               '(`offset_patches`)')]
+    cases += [(name, 'overwrite', 'tail written over conv3\'s output')
+              for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50')]
     for batch_, size_ in ((batch, block_shape), (1, shape)):
         x = torch.randn(batch_, 3, *size_)
         for name, switch, what in cases:
@@ -937,9 +961,9 @@ def inference_table(args):
 def offset_dot_table(args):
     print_table(
         '\n## PSI\'s patches off the reference size (resample every offset '
-        'map + einsum → each offset\'s pixels pooled by GEMMs) and GE\'s '
-        'gather dot products at the reference size (batched GEMV → C++ '
-        'loops), eval, ms\n',
+        'map + einsum → each offset\'s pixels pooled by GEMMs; those GEMMs '
+        '→ C++ loops, `offset_patches`) and GE\'s gather dot products at '
+        'the reference size (batched GEMV → C++ loops), eval, ms\n',
         '| op | input | ms |\n|---|---|---:|',
         offset_dot_rows(size(args.shape), size(args.block_shape),
                         args.batch, args.repeats))

@@ -74,6 +74,11 @@ class GatedBottleneck(Bottleneck):
                 and hasattr(gate, 'forward_inference_tail')
                 and not hooked(self.relu))
 
+    def _tail_may_overwrite(self):
+        """Whether the inference tail may write over conv3's output: it is
+        this block's temporary unless a hook of conv3 may have kept it."""
+        return not hooked(self.conv3)
+
     def forward(self, x):
         gate = self.residual_gate(x)
         if gate is None:
@@ -94,10 +99,8 @@ class GatedBottleneck(Bottleneck):
                 return gate.forward_tail(out, identity, norm3)
             if infer_fuses and gate.inference_tail_applies(norm3, out,
                                                            identity):
-                # conv3's output is this block's temporary unless a hook
-                # of conv3 may have kept it: then the tail writes anew
                 return gate.forward_inference_tail(
-                    out, identity, norm3, in_place=not hooked(self.conv3))
+                    out, identity, norm3, in_place=self._tail_may_overwrite())
             out = self.forward_plugin(norm3(out),
                                       self.after_conv3_plugin_names[:-1])
             out = gate.forward_residual(out, identity)

@@ -335,6 +335,58 @@ torch::Tensor adaptive_avg_pool(torch::Tensor x, int64_t h, int64_t w) {
   return out;
 }
 
+// PSI's patch values from its per-offset maps (B, ph * pw, H, W): the maps
+// adaptively average-pooled to the (gh * ph, gw * pw) reference grid, patch
+// (a, c) taking its pixel at offset (i, j) from map i * pw + j; (B, gh, gw).
+// Only the pooling windows of each map's own offset are summed (each input
+// row added, vectorised, to the windows of offset i that hold it), per map
+// in parallel, then the maps' (gh, gw) values are added per image. Equal to
+// F.adaptive_avg_pool2d and the picking up to float rounding.
+torch::Tensor offset_patches(torch::Tensor maps, int64_t ph, int64_t pw,
+                             int64_t gh, int64_t gw) {
+  TORCH_CHECK(maps.dim() == 4 && maps.device().is_cpu() &&
+                  maps.is_contiguous(),
+              "maps must be a contiguous (B, ph * pw, H, W) CPU tensor");
+  TORCH_CHECK(ph > 0 && pw > 0 && gh > 0 && gw > 0 &&
+                  maps.size(1) == ph * pw,
+              "maps must hold ph * pw offset maps, and the grid be positive");
+  const int64_t batch = maps.size(0), offsets = ph * pw,
+                height = maps.size(2), width = maps.size(3);
+  const auto rows = pool_windows(height, gh * ph),
+             cols = pool_windows(width, gw * pw);
+  auto partial = torch::empty({batch * offsets, gh, gw},
+                              maps.options().dtype(torch::kFloat64));
+  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "offset_patches", [&] {
+    const scalar_t* mp = maps.data_ptr<scalar_t>();
+    double* pp = partial.data_ptr<double>();
+    at::parallel_for(0, batch * offsets, 1, [&](int64_t m0, int64_t m1) {
+      std::vector<scalar_t> acc(width);
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t i = (m % offsets) / pw, j = m % pw;
+        const scalar_t* plane = mp + m * height * width;
+        for (int64_t a = 0; a < gh; ++a) {
+          const auto [y0, y1] = rows[a * ph + i];
+          std::fill(acc.begin(), acc.end(), scalar_t(0));
+          for (int64_t y = y0; y < y1; ++y) {
+            const scalar_t* row = plane + y * width;
+            _Pragma("omp simd")
+            for (int64_t x = 0; x < width; ++x) acc[x] += row[x];
+          }
+          for (int64_t c = 0; c < gw; ++c) {
+            const auto [x0, x1] = cols[c * pw + j];
+            double window = 0;
+            for (int64_t x = x0; x < x1; ++x) window += acc[x];
+            pp[(m * gh + a) * gw + c] =
+                window / double((y1 - y0) * (x1 - x0));
+          }
+        }
+      }
+    });
+  });
+  return partial.view({batch, offsets, gh, gw}).sum(1).to(
+      maps.scalar_type());
+}
+
 // Per image and channel, the dot product of the channel's (h, w) kernel with
 // the map adaptively average-pooled to (h, w): GE-θ's global gather away
 // from its reference size, in double. One read of x: each input row is
@@ -1429,6 +1481,7 @@ torch::Tensor channel_dots(torch::Tensor x, torch::Tensor kernel) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_adjoint", &pool_adjoint);
   m.def("adaptive_avg_pool", &adaptive_avg_pool);
+  m.def("offset_patches", &offset_patches);
   m.def("row_moments", &row_moments);
   m.def("scale_shift_add_relu", &scale_shift_add_relu);
   m.def("relu_grad_moments", &relu_grad_moments);
