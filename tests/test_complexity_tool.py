@@ -66,20 +66,22 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
-    """tools/analysis/fast_path_ab.py prints all fifteen tables, every stage,
+    """tools/analysis/fast_path_ab.py prints all sixteen tables, every stage,
     setting and gated model, with positive times and ratios."""
     stdout = run([
         sys.executable, repo_root / 'tools' / 'analysis' /
         'fast_path_ab.py', '--shape', '64x96', '--block-shape', '32x32',
         '--batch', '2', '--repeats', '1', '--network-repeats', '1'
     ], timeout=300)
-    headers = ('| stage', '| model', '| module', '| conv1 output', '| op ')
+    headers = ('| stage', '| model', '| module', '| conv1 output', '| op ',
+               '| block |')
     tables = [[line.strip('|').split('|') for line in section.splitlines()
                if line.startswith('| ') and not line.startswith(headers)]
               for section in stdout.split('\n## ')[1:]]
     (pools, reductions, networks, pixel_gates, blocks, norm_gates,
      norm_gate_networks, few_maps, fused_squeezes, pooled_dots,
-     offset_dots, inference, sb_tail, sb_head, kernel_grads) = tables
+     offset_dots, inference, sb_tail, sb_head, kernel_grads,
+     tail_writes) = tables
 
     def numbers(cell):
         return [float(v) for v in cell.replace('/', '→').split('→')]
@@ -189,6 +191,18 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
     for r in kernel_grads[:4]:  # banded GEMMs → loops (ms, 2 decimals)
         assert all(v >= 0 for v in numbers(r[2])), r
     for r in kernel_grads[4:]:
+        before, after = r[2].split('(')
+        assert all(v > 0 for v in numbers(before)), r
+        assert float(after.strip(' )')) > 0, r
+    assert [(r[0].strip(), r[1].strip()) for r in tail_writes] == [
+        (f'{name}, stage {stage}', shape)
+        for shapes in (['2x256x8x8', '2x512x4x4', '2x1024x2x2',
+                        '2x2048x1x1'],
+                       ['1x256x16x24', '1x512x8x12', '1x1024x4x6',
+                        '1x2048x2x3'])
+        for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50')
+        for stage, shape in enumerate(shapes, 1)]
+    for r in tail_writes:  # new map → over conv3's output (ratio)
         before, after = r[2].split('(')
         assert all(v > 0 for v in numbers(before)), r
         assert float(after.strip(' )')) > 0, r

@@ -62,7 +62,11 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
   W) gradient of the resampling's adjoint pooled to the kernel's grid):
   the banded GEMMs vs C++ loops (``adaptive_avg_pool``) on each stage's
   map at ``--shape``, and the whole GE-θ / θ⁺-ResNet-50 training steps at
-  ``--shape`` batch 1 with either.
+  ``--shape`` batch 1 with either;
+- GE's and PSI's inference tails writing their output into a new map or
+  over conv3's output (``GatedBottleneck._tail_may_overwrite``), on the
+  second block of each stage at ``--block-shape`` batch ``--batch`` and at
+  ``--shape`` batch 1 (eval).
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --tables norm-gate
@@ -72,6 +76,7 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
     python tools/analysis/fast_path_ab.py --tables sb-tail
     python tools/analysis/fast_path_ab.py --tables offset-dot inference
     python tools/analysis/fast_path_ab.py --tables sb-head kernel-grad
+    python tools/analysis/fast_path_ab.py --tables tail-write
 """
 import argparse
 import math
@@ -109,7 +114,7 @@ NETWORKS = ['GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50']
 # tables, each printed by <name>_table
 TABLES = ['pooling', 'reduction', 'network', 'pixel-gate', 'block',
           'norm-gate', 'few-maps', 'offset-dot', 'inference', 'sb-tail',
-          'sb-head', 'kernel-grad']
+          'sb-head', 'kernel-grad', 'tail-write']
 
 
 def parse_args():
@@ -999,6 +1004,46 @@ def kernel_grad_table(args):
         '| op | input | ms |\n|---|---|---:|',
         kernel_grad_rows(size(args.shape), args.repeats,
                          args.network_repeats))
+
+
+def tail_write_rows(shape, block_shape, batch, repeats):
+    """GE's and PSI's inference tails writing into a new map / over
+    conv3's output: the second block of each stage, eval, ms."""
+    overwrite = GatedBottleneck._tail_may_overwrite
+    for batch_, size_ in ((batch, block_shape), (1, shape)):
+        for name in NETWORKS:
+            net = MODELS.build(BACKBONES[name])
+            net.init_weights()
+            height, width = (math.ceil(side / 4) for side in size_)
+            for stage in range(1, 5):
+                block = getattr(net, f'layer{stage}')[1]
+                x = torch.randn(batch_, block.conv1.in_channels, height,
+                                width)
+
+                def run(fast):
+                    GatedBottleneck._tail_may_overwrite = overwrite if fast \
+                        else (lambda self: False)
+                    block_pass(block, x, False)
+
+                try:
+                    ratio, fast, slow = time_two_paths(
+                        lambda: run(True), lambda: run(False), repeats)
+                finally:
+                    GatedBottleneck._tail_may_overwrite = overwrite
+                yield (f'| {name}, stage {stage} | '
+                       f'{"x".join(map(str, x.shape))} | {slow:.2f} → '
+                       f'{fast:.2f} ({ratio:.3f}) |')
+                height, width = math.ceil(height / 2), math.ceil(width / 2)
+
+
+def tail_write_table(args):
+    print_table(
+        '\n## GE\'s and PSI\'s inference tails: into a new map → over '
+        'conv3\'s output, one block (the second of each stage), eval, ms '
+        '(median ratio)\n',
+        '| block | input | ms |\n|---|---|---:|',
+        tail_write_rows(size(args.shape), size(args.block_shape), args.batch,
+                        args.repeats))
 
 
 if __name__ == '__main__':
