@@ -1477,6 +1477,20 @@ def test_psi_offset_patch_loops_equal_the_pooling(dtype, feature_size, grid,
                                atol=tol)
     with size_generic():
         assert not patch_spatial_interaction.offset_patch_loops_apply(maps)
+    applied = []
+
+    def traced(maps):  # a FLOP counter's trace: no loops, whose output
+        applied.append(  # the trace would keep as a constant
+            patch_spatial_interaction.offset_patch_loops_apply(maps))
+        return psi.patches_of_offset_maps(maps)
+
+    psi.requires_grad_(False)  # its parameters: constants of the trace
+    # the eager paths, as tools/analysis/complexity.py counts them
+    with torch.no_grad(), size_generic(False):
+        graph = torch.jit.trace(traced, (maps, ), check_trace=False)
+    assert applied == [False]
+    torch.testing.assert_close(graph(maps * 2), plain.detach() * 2
+                               - psi.squeeze.bias, rtol=tol, atol=tol)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(norm_gate, 'kernels', lambda: None)
         assert not patch_spatial_interaction.offset_patch_loops_apply(maps)

@@ -215,9 +215,11 @@ def offset_patch_loops_apply(maps):
     """Whether :meth:`PatchSpatialInteraction.patches_of_offset_maps` runs
     as C++ loops (``norm_gate.kernels().offset_patches``): eager code that
     autograd does not record, contiguous float32 / float64 CPU maps, the
-    loops compiled."""
+    loops compiled. Not while tracing: a trace would keep the loops'
+    output as a constant (FLOP counters trace the module)."""
     return not (torch.is_grad_enabled() and maps.requires_grad) \
-        and not size_generic_path(maps) and maps.device.type == 'cpu' \
+        and not size_generic_path(maps) and not torch.jit.is_tracing() \
+        and maps.device.type == 'cpu' \
         and maps.is_contiguous() \
         and maps.dtype in (torch.float32, torch.float64) \
         and norm_gate.kernels() is not None
