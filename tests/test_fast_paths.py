@@ -1159,7 +1159,10 @@ def test_eval_affine_follows_every_change_of_the_norm():
     """utils.eval_affine: an eval BatchNorm as (scale, shift), equal to the
     norm after every kind of change, including one through ``.data`` that
     leaves the version counters alone (mmengine's EMAHook swaps parameters
-    that way before validation), and in the dtype asked for."""
+    that way before validation), and in the dtype asked for; without
+    autograd one C++ call (in double) gives what the tensor ops give."""
+    from mmctx.models import utils
+    from mmctx.models.norm_gate import kernels
     from mmctx.models.utils import eval_affine
     torch.manual_seed(0)
     norm = torch.nn.BatchNorm2d(6).eval()
@@ -1185,6 +1188,27 @@ def test_eval_affine_follows_every_change_of_the_norm():
         check()
         assert eval_affine(norm, torch.float64)[0].dtype == torch.float64
         assert eval_affine(norm)[0].dtype == torch.float32
+        for dtype in (torch.float32, torch.float64):
+            tensors = (norm.weight, norm.bias, norm.running_mean,
+                       norm.running_var)
+            assert utils._affine_loops(tensors, dtype) is kernels()
+            loops = eval_affine(norm, dtype)
+            ops = utils.norm_affine(*(t.to(dtype) for t in tensors[2:]),
+                                    *(t.to(dtype) for t in tensors[:2]),
+                                    norm.eps)[1:]
+            for got, expected in zip(loops, ops):
+                assert got.dtype == dtype
+                torch.testing.assert_close(got, expected)
+        double = torch.nn.BatchNorm2d(6).double().eval()
+        assert eval_affine(double)[0].dtype == torch.float64
+        assert utils._affine_loops(
+            (norm.weight, norm.bias, norm.running_mean,
+             norm.running_var.double()), torch.float32) is None
+        with pytest.raises(RuntimeError, match='one dtype and size'):
+            kernels().norm_scale_shift(norm.weight, norm.bias,
+                                       norm.running_mean[:3],
+                                       norm.running_var, 1e-5, False)
+    assert utils._affine_loops((norm.weight, ), torch.float32) is None
     assert eval_affine(norm)[0].requires_grad  # autograd records
 
 

@@ -164,15 +164,38 @@ def norm_affine(mean, var, weight, bias, eps):
 
 def eval_affine(norm, dtype=None):
     """An eval-mode, affine BatchNorm with running statistics as ``x *
-    scale + shift`` per channel: (scale, shift), computed in ``dtype``
-    (default: the norm's). Computed at every call: keeping it between
-    calls by the tensors' version counters would miss changes made through
-    ``.data`` (mmengine's EMAHook swaps parameters that way)."""
-    weight, bias, mean, var = (
-        t.to(dtype or norm.weight.dtype)
-        for t in (norm.weight, norm.bias, norm.running_mean,
-                  norm.running_var))
+    scale + shift`` per channel: (scale, shift) in ``dtype`` (default: the
+    norm's). Computed at every call: keeping it between calls by the
+    tensors' version counters would miss changes made through ``.data``
+    (mmengine's EMAHook swaps parameters that way). Where autograd does not
+    record and the loops apply, one C++ call computes it in double
+    (``norm_scale_shift``); otherwise the tensor ops, in ``dtype``."""
+    tensors = (norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    dtype = dtype or norm.weight.dtype
+    ops = _affine_loops(tensors, dtype)
+    if ops is not None:
+        return tuple(ops.norm_scale_shift(*tensors, norm.eps,
+                                          dtype == torch.float64))
+    weight, bias, mean, var = (t.to(dtype) for t in tensors)
     return norm_affine(mean, var, weight, bias, norm.eps)[1:]
+
+
+def _affine_loops(tensors, dtype):
+    """The compiled loops where :func:`eval_affine` may use them: CPU
+    tensors of one float dtype, asked for in that dtype or float64,
+    nothing recorded by autograd, eager code."""
+    weight = tensors[0]
+    if weight.device.type != 'cpu' or dtype not in (weight.dtype,
+                                                     torch.float64) \
+            or weight.dtype not in (torch.float32, torch.float64) \
+            or any(t.dtype != weight.dtype or not t.is_contiguous()
+                   for t in tensors) \
+            or (torch.is_grad_enabled()
+                and any(t.requires_grad for t in tensors)) \
+            or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return None
+    from .norm_gate import kernels  # norm_gate imports this module
+    return kernels()
 
 
 def hooked(module):

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <utility>
 
@@ -333,6 +334,47 @@ torch::Tensor adaptive_avg_pool(torch::Tensor x, int64_t h, int64_t w) {
     });
   });
   return out;
+}
+
+// An eval BatchNorm as x * scale[c] + shift[c]: scale = weight / sqrt(var +
+// eps), shift = bias - mean * scale, computed in double and returned in
+// double or in the norm's dtype; one call where the tensor ops make five
+// (each fast path asks for its norms' values at every forward).
+std::vector<torch::Tensor> norm_scale_shift(torch::Tensor weight,
+                                            torch::Tensor bias,
+                                            torch::Tensor mean,
+                                            torch::Tensor var, double eps,
+                                            bool as_double) {
+  for (const auto* t : {&weight, &bias, &mean, &var})
+    TORCH_CHECK(t->dim() == 1 && t->device().is_cpu() &&
+                    t->is_contiguous() &&
+                    t->scalar_type() == weight.scalar_type() &&
+                    t->numel() == weight.numel(),
+                "weight, bias, mean and var must be contiguous 1-D CPU "
+                "tensors of one dtype and size");
+  const int64_t channels = weight.numel();
+  auto opts = as_double ? weight.options().dtype(torch::kFloat64)
+                        : weight.options();
+  auto scale = torch::empty({channels}, opts),
+       shift = torch::empty({channels}, opts);
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "norm_scale_shift", [&] {
+    const scalar_t *wp = weight.data_ptr<scalar_t>(),
+                   *bp = bias.data_ptr<scalar_t>(),
+                   *mp = mean.data_ptr<scalar_t>(),
+                   *vp = var.data_ptr<scalar_t>();
+    auto fill = [&](auto* sp, auto* hp) {
+      for (int64_t c = 0; c < channels; ++c) {
+        const double a = double(wp[c]) / std::sqrt(double(vp[c]) + eps);
+        sp[c] = a;
+        hp[c] = double(bp[c]) - double(mp[c]) * a;
+      }
+    };
+    if (as_double)
+      fill(scale.data_ptr<double>(), shift.data_ptr<double>());
+    else
+      fill(scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>());
+  });
+  return {scale, shift};
 }
 
 // PSI's patch values from its per-offset maps (B, ph * pw, H, W): the maps
@@ -1482,6 +1524,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_adjoint", &pool_adjoint);
   m.def("adaptive_avg_pool", &adaptive_avg_pool);
   m.def("offset_patches", &offset_patches);
+  m.def("norm_scale_shift", &norm_scale_shift);
   m.def("row_moments", &row_moments);
   m.def("scale_shift_add_relu", &scale_shift_add_relu);
   m.def("relu_grad_moments", &relu_grad_moments);
