@@ -66,7 +66,7 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
-    """tools/analysis/fast_path_ab.py prints all sixteen tables, every stage,
+    """tools/analysis/fast_path_ab.py prints all seventeen tables, every stage,
     setting and gated model, with positive times and ratios."""
     stdout = run([
         sys.executable, repo_root / 'tools' / 'analysis' /
@@ -74,14 +74,14 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
         '--batch', '2', '--repeats', '1', '--network-repeats', '1'
     ], timeout=300)
     headers = ('| stage', '| model', '| module', '| conv1 output', '| op ',
-               '| block |')
+               '| block |', '| channels')
     tables = [[line.strip('|').split('|') for line in section.splitlines()
                if line.startswith('| ') and not line.startswith(headers)]
               for section in stdout.split('\n## ')[1:]]
     (pools, reductions, networks, pixel_gates, blocks, norm_gates,
      norm_gate_networks, few_maps, fused_squeezes, pooled_dots,
      offset_dots, inference, sb_tail, sb_head, kernel_grads,
-     tail_writes) = tables
+     tail_writes, eval_affines) = tables
 
     def numbers(cell):
         return [float(v) for v in cell.replace('/', '→').split('→')]
@@ -206,6 +206,11 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
         before, after = r[2].split('(')
         assert all(v > 0 for v in numbers(before)), r
         assert float(after.strip(' )')) > 0, r
+    assert [(r[0].strip(), r[1].strip()) for r in eval_affines] == [
+        (str(channels), dtype) for channels in (64, 256, 1024, 2048)
+        for dtype in ('float32', 'float64')]
+    for r in eval_affines:  # tensor ops → one C++ call, µs per call
+        assert all(v > 0 for v in numbers(r[2])), r
 
 
 def test_time_two_paths_alternates_and_reports_the_pair_ratio():

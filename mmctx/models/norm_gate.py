@@ -38,7 +38,7 @@ from .utils import (adaptive_avg_pool2d_banded, hooked, norm_affine,
                     size_generic_path)
 
 _SOURCE = Path(__file__).with_name('csrc') / 'norm_gate.cpp'
-_FLAGS = ('-O3', '-march=native', '-fopenmp')
+_FLAGS = ('-O3', '-march=native', '-fopenmp', '-fno-math-errno')
 _kernels = []  # [the compiled module, or None where it cannot be built]
 
 

@@ -183,7 +183,8 @@ def eval_affine(norm, dtype=None):
 def _affine_loops(tensors, dtype):
     """The compiled loops where :func:`eval_affine` may use them: CPU
     tensors of one float dtype, asked for in that dtype or float64,
-    nothing recorded by autograd, eager code."""
+    nothing recorded by autograd, eager code (not traced, scripted,
+    compiled or exported)."""
     weight = tensors[0]
     if weight.device.type != 'cpu' or dtype not in (weight.dtype,
                                                      torch.float64) \
@@ -192,7 +193,7 @@ def _affine_loops(tensors, dtype):
                    for t in tensors) \
             or (torch.is_grad_enabled()
                 and any(t.requires_grad for t in tensors)) \
-            or torch.jit.is_tracing() or torch.jit.is_scripting():
+            or size_generic_path() or torch.jit.is_tracing():
         return None
     from .norm_gate import kernels  # norm_gate imports this module
     return kernels()

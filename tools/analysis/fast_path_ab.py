@@ -66,7 +66,9 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
 - GE's and PSI's inference tails writing their output into a new map or
   over conv3's output (``GatedBottleneck._tail_may_overwrite``), on the
   second block of each stage at ``--block-shape`` batch ``--batch`` and at
-  ``--shape`` batch 1 (eval).
+  ``--shape`` batch 1 (eval);
+- an eval BatchNorm's scale and shift (``utils.eval_affine``) as one C++
+  call vs the previous release's tensor ops, per call.
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --tables norm-gate
@@ -76,7 +78,7 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
     python tools/analysis/fast_path_ab.py --tables sb-tail
     python tools/analysis/fast_path_ab.py --tables offset-dot inference
     python tools/analysis/fast_path_ab.py --tables sb-head kernel-grad
-    python tools/analysis/fast_path_ab.py --tables tail-write
+    python tools/analysis/fast_path_ab.py --tables tail-write eval-affine
 """
 import argparse
 import math
@@ -105,8 +107,8 @@ from mmctx.models import SpatialBias  # noqa: E402
 from mmctx.models.backbones.sb_resnet import SBBottleneck  # noqa: E402
 from mmctx.models.gating import channel_dot  # noqa: E402
 from mmctx.models.utils import (adaptive_avg_pool2d_banded,  # noqa: E402
-                                few_maps_product, pointwise_product,
-                                resample_to)
+                                eval_affine, few_maps_product, norm_affine,
+                                pointwise_product, resample_to)
 
 
 # rows of the whole-network table
@@ -114,7 +116,7 @@ NETWORKS = ['GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50']
 # tables, each printed by <name>_table
 TABLES = ['pooling', 'reduction', 'network', 'pixel-gate', 'block',
           'norm-gate', 'few-maps', 'offset-dot', 'inference', 'sb-tail',
-          'sb-head', 'kernel-grad', 'tail-write']
+          'sb-head', 'kernel-grad', 'tail-write', 'eval-affine']
 
 
 def parse_args():
@@ -220,6 +222,15 @@ def previous_channel_dots(x, weight):
     if x.numel() * x.element_size() <= 32 << 20:
         return (x * weight).sum((2, 3))
     return torch.einsum('bchw,chw->bc', x, weight)
+
+
+def previous_eval_affine(norm, dtype=None):
+    """The previous release's ``utils.eval_affine``: the tensor ops."""
+    weight, bias, mean, var = (
+        t.to(dtype or norm.weight.dtype)
+        for t in (norm.weight, norm.bias, norm.running_mean,
+                  norm.running_var))
+    return norm_affine(mean, var, weight, bias, norm.eps)[1:]
 
 
 def previous_kernel_grad(grad, x):
@@ -1044,6 +1055,36 @@ def tail_write_table(args):
         '| block | input | ms |\n|---|---|---:|',
         tail_write_rows(size(args.shape), size(args.block_shape), args.batch,
                         args.repeats))
+
+
+def eval_affine_rows(repeats):
+    """An eval BatchNorm's scale and shift per call, as the fast paths ask
+    for them at every forward: the tensor ops / one C++ call."""
+    for channels in (64, 256, 1024, 2048):
+        norm = torch.nn.BatchNorm2d(channels).eval()
+        norm.running_var.uniform_(0.5, 2)
+        for dtype in (torch.float32, torch.float64):
+            calls = 100  # per timing: a call takes microseconds
+
+            def run(function):
+                def calls_of():
+                    for _ in range(calls):
+                        function(norm, dtype)
+                return calls_of
+
+            with torch.no_grad():
+                _, fast, slow = time_two_paths(
+                    run(eval_affine), run(previous_eval_affine), repeats)
+            yield (f'| {channels} | {str(dtype).split(".")[1]} | '
+                   f'{slow * 1e3 / calls:.1f} → {fast * 1e3 / calls:.1f} |')
+
+
+def eval_affine_table(args):
+    print_table(
+        '\n## An eval BatchNorm as scale and shift (`eval_affine`): the '
+        'tensor ops → one C++ call (`norm_scale_shift`), µs per call\n',
+        '| channels | asked in | µs |\n|---|---|---:|',
+        eval_affine_rows(args.repeats))
 
 
 if __name__ == '__main__':
