@@ -708,19 +708,8 @@ def sb_tail_rows(shape, block_shape, batch, repeats, network_repeats):
                                    for ratio, fast, slow in times)
                 yield (f'| block, stage {stage} | '
                        f'{"x".join(map(str, x.shape))} | {cells} |')
-        for batch_, size_ in ((batch, block_shape), (1, shape)):
-            x = torch.randn(batch_, 3, *size_)
-            step = TrainingStep(net)
-
-            def run_step(fast):
-                use(fast)
-                step(x)
-
-            ratio, fast, slow = time_two_paths(
-                lambda: run_step(True), lambda: run_step(False),
-                network_repeats)
-            yield (f'| SB-R50 train step | {batch_}x3x{size_[0]}x{size_[1]}'
-                   f' | {slow:.0f} → {fast:.0f} ({ratio:.3f}) | |')
+        yield from sb_step_rows(net, use, ((batch, block_shape), (1, shape)),
+                                network_repeats, ' |')
         # What the branch's small ops (norm, pooling, mix, upsampling) cost
         # in the network: inference with each block's bias maps computed /
         # taken from the first call
@@ -790,21 +779,27 @@ def sb_head_rows(shape, block_shape, batch, repeats, network_repeats):
                 yield (f'| block, stage {stage} | '
                        f'{"x".join(map(str, x.shape))} | {slow:.2f} → '
                        f'{fast:.2f} ({ratio:.3f}) |')
-        for batch_, size_ in ((batch, block_shape), (1, shape)):
-            x = torch.randn(batch_, 3, *size_)
-            step = TrainingStep(net)
-
-            def run_step(fast):
-                use(fast)
-                step(x)
-
-            ratio, fast, slow = time_two_paths(
-                lambda: run_step(True), lambda: run_step(False),
-                network_repeats)
-            yield (f'| SB-R50 train step | {batch_}x3x{size_[0]}x{size_[1]}'
-                   f' | {slow:.0f} → {fast:.0f} ({ratio:.3f}) |')
+        yield from sb_step_rows(net, use, ((batch, block_shape), (1, shape)),
+                                network_repeats)
     finally:
         use(True)
+
+
+def sb_step_rows(net, use, settings, network_repeats, last_cells=''):
+    """SB-ResNet-50's training step with / without a path (``use(fast)``
+    switches it), per (batch, size) setting."""
+    for batch_, size_ in settings:
+        x = torch.randn(batch_, 3, *size_)
+        step = TrainingStep(net)
+
+        def run_step(fast):
+            use(fast)
+            step(x)
+
+        ratio, fast, slow = time_two_paths(
+            lambda: run_step(True), lambda: run_step(False), network_repeats)
+        yield (f'| SB-R50 train step | {batch_}x3x{size_[0]}x{size_[1]} | '
+               f'{slow:.0f} → {fast:.0f} ({ratio:.3f}) |{last_cells}')
 
 
 def kernel_grad_rows(shape, repeats, network_repeats):

@@ -780,6 +780,36 @@ std::vector<torch::Tensor> scale_shift_relu_few_maps(torch::Tensor z,
   return {out, maps};
 }
 
+// Per chunk [i0, i1) of one image's pixels: the dot products of each of
+// the outs gradient rows (grads, (outs, n)) with the maps' rows (maps,
+// (channels, n)), four channels per gradient row read, into task[o *
+// channels + c] for the channels of whole groups of four; returns the first
+// channel left (the callers take the rest with their per-channel pass).
+template <typename scalar_t>
+static int64_t dots_by_four(const scalar_t* maps, const scalar_t* grads,
+                            int64_t channels, int64_t outs, int64_t n,
+                            int64_t i0, int64_t i1, double* task) {
+  int64_t c4 = 0;
+  for (; c4 + 4 <= channels; c4 += 4) {
+    const scalar_t *x0 = maps + c4 * n, *x1 = x0 + n, *x2 = x1 + n,
+                   *x3 = x2 + n;
+    for (int64_t o = 0; o < outs; ++o) {
+      const scalar_t* grow = grads + o * n;
+      scalar_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+      _Pragma("omp simd reduction(+ : d0, d1, d2, d3)")
+      for (int64_t i = i0; i < i1; ++i) {
+        d0 += grow[i] * x0[i];
+        d1 += grow[i] * x1[i];
+        d2 += grow[i] * x2[i];
+        d3 += grow[i] * x3[i];
+      }
+      double* t = task + o * channels + c4;
+      t[0] = d0, t[1] = d1, t[2] = d2, t[3] = d3;
+    }
+  }
+  return c4;
+}
+
 // few_maps_product's backward in one pass over x and grad: the gradient of
 // x (per channel, the O gradient rows weighted by the channel's weights)
 // and of the weight (per task, the chunk's dot products of the O gradient
@@ -815,25 +845,10 @@ std::vector<torch::Tensor> few_maps_product_backward(torch::Tensor weight,
       const scalar_t* gb = gp + b * outs * n;
       double* task = need_weight ? pp + (b * chunks + chunk) * outs * channels
                                  : nullptr;
-      const scalar_t* xb = xp + b * channels * n;
-      int64_t c4 = 0;  // four channels' dot products per gradient row read
-      for (; need_weight && c4 + 4 <= channels; c4 += 4) {
-        const scalar_t *x0 = xb + c4 * n, *x1 = x0 + n, *x2 = x1 + n,
-                       *x3 = x2 + n;
-        for (int64_t o = 0; o < outs; ++o) {
-          const scalar_t* grow = gb + o * n;
-          scalar_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-          _Pragma("omp simd reduction(+ : d0, d1, d2, d3)")
-          for (int64_t i = i0; i < i1; ++i) {
-            d0 += grow[i] * x0[i];
-            d1 += grow[i] * x1[i];
-            d2 += grow[i] * x2[i];
-            d3 += grow[i] * x3[i];
-          }
-          double* t = task + o * channels + c4;
-          t[0] = d0, t[1] = d1, t[2] = d2, t[3] = d3;
-        }
-      }
+      const int64_t c4 = need_weight
+          ? dots_by_four(xp + b * channels * n, gb, channels, outs, n, i0,
+                         i1, task)
+          : 0;
       for (int64_t c = 0; c < channels; ++c) {
         const int64_t row = (b * channels + c) * n;
         if (need_weight && c >= c4) {
@@ -967,26 +982,11 @@ std::vector<torch::Tensor> relu_few_maps_grad_moments(
         const int64_t t = b * chunks + chunk;
         const scalar_t* gmb = gmp + b * outs * n;
         double* task = need_weight ? pp + t * outs * channels : nullptr;
-        // the squeeze weight's gradient, four channels' dot products per
-        // gradient row read (as in few_maps_product_backward)
-        int64_t c4 = 0;
-        for (; need_weight && c4 + 4 <= channels; c4 += 4) {
-          const scalar_t *o0 = op + (b * channels + c4) * n, *o1 = o0 + n,
-                         *o2 = o1 + n, *o3 = o2 + n;
-          for (int64_t o = 0; o < outs; ++o) {
-            const scalar_t* gm = gmb + o * n;
-            scalar_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-            _Pragma("omp simd reduction(+ : d0, d1, d2, d3)")
-            for (int64_t i = i0; i < i1; ++i) {
-              d0 += gm[i] * o0[i];
-              d1 += gm[i] * o1[i];
-              d2 += gm[i] * o2[i];
-              d3 += gm[i] * o3[i];
-            }
-            double* w = task + o * channels + c4;
-            w[0] = d0, w[1] = d1, w[2] = d2, w[3] = d3;
-          }
-        }
+        // the squeeze weight's gradient
+        const int64_t c4 = need_weight
+            ? dots_by_four(op + b * channels * n, gmb, channels, outs, n, i0,
+                           i1, task)
+            : 0;
         for (int64_t c = 0; c < channels; ++c) {
           const int64_t row = (b * channels + c) * n;
           const scalar_t *orow = op + row, *xr = xp + row, *gr = gp + row,
