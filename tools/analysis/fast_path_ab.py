@@ -1002,7 +1002,6 @@ def sb_head_table(args):
                      args.repeats, args.network_repeats))
 
 
-
 def kernel_grad_table(args):
     print_table(
         '\n## GE-θ\'s kernel gradient off the reference size: banded GEMMs '
