@@ -748,30 +748,39 @@ def test_sb_resnet_inference_skips_the_concatenation_exactly():
                             lambda module, maps: False)
             for f, r in zip(outputs(x), reference):
                 torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+            # and without the loops (bn2 and its ReLU as tensor ops)
+            unfused.setattr(sb_resnet, 'kernels', lambda: None)
+            folded.clear()
+            for f, r in zip(outputs(x), reference):
+                torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+            assert len(folded) == 7
         block = net.layer1[1]
-        for case in ('channels_last', 'autocast', 'hook', 'train'):
+        for case in ('channels_last', 'autocast', 'hook', 'relu hook',
+                     'train'):
             folded.clear()
             if case == 'channels_last':
                 out = outputs(x.contiguous(memory_format=torch.channels_last))
             elif case == 'autocast':
                 with torch.autocast('cpu', dtype=torch.bfloat16):
                     out = outputs(x)
-            elif case == 'hook':
-                handle = block.norm2.register_forward_hook(
-                    lambda m, i, o: None)
+            elif case in ('hook', 'relu hook'):
+                # (the fused passes apply the ReLU: its hook must see them)
+                handle = (block.norm2 if case == 'hook' else
+                          block.relu).register_forward_hook(
+                              lambda m, i, o: None)
                 out = outputs(x)
                 handle.remove()
             else:
                 net.train()
                 out = outputs(x)
                 net.eval()
-            if case == 'hook':  # only the hooked block runs upstream's
+            if case in ('hook', 'relu hook'):  # only the hooked block
                 assert len(folded) == 6 and block not in folded, case
             elif case == 'channels_last':  # blocks fed a channels_last map
                 assert net.layer1[0] not in folded, case
             else:
                 assert not folded, case
-            if case in ('channels_last', 'hook'):
+            if case in ('channels_last', 'hook', 'relu hook'):
                 for f, r in zip(out, reference):
                     torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
         add = SBResNet(depth=50, sb=dict(fusion='add'), base_channels=16,

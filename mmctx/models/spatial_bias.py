@@ -150,20 +150,26 @@ class SpatialBias(BaseModule):
         output ``maps``: inference through an eval, affine BatchNorm with
         running statistics, unhooked layers, eager code on contiguous
         float32 / float64 CPU maps, the loops compiled."""
+        return (not torch.is_grad_enabled()
+                and not size_generic_path(maps)  # (tracing included)
+                and kernels() is not None and self.inference_bias_fits(maps))
+
+    def inference_bias_fits(self, maps):
+        """:meth:`inference_bias_applies` for a caller that has established
+        eager inference with the loops compiled (e.g. SB-ResNet's block
+        inference): the norm, the hooks and ``maps``."""
         norm = self.norm
-        return (not torch.is_grad_enabled() and isinstance(norm, _BatchNorm)
+        return (isinstance(norm, _BatchNorm)
                 and not norm.training and norm.affine
                 and norm.running_mean is not None
                 and norm.weight.dtype == maps.dtype
                 and self.mix.weight.dtype == maps.dtype
                 and maps.device.type == 'cpu' and maps.is_contiguous()
                 and maps.dtype in (torch.float32, torch.float64)
-                and not any(hooked(m) for m in (self.norm, self.pool,
-                                                self.mix))
-                and not size_generic_path(maps)  # (tracing included)
-                and kernels() is not None)
+                and not hooked(norm) and not hooked(self.pool)
+                and not hooked(self.mix))
 
-    def inference_bias(self, maps, size, scale, shift):
+    def inference_bias(self, maps, size, scale, shift, loops=None):
         """``relu(bias * scale + shift)`` per bias map (a following eval
         norm and ReLU, e.g. SB-ResNet's bn2 on the bias channels) of the
         bias maps of the squeeze conv's output ``maps``, resized to
@@ -171,13 +177,17 @@ class SpatialBias(BaseModule):
         the Conv1d's windows, the Conv1d as one GEMM, the resampling, norm
         and ReLU in another; equal to :meth:`spatial_bias_of_squeezed`
         followed by the affine map and ReLU up to float rounding. Call where
-        :meth:`inference_bias_applies`."""
+        :meth:`inference_bias_applies` (``loops``: the compiled loops, from
+        a caller that has established eager inference, see
+        :func:`~mmctx.models.utils.eval_affine`)."""
         r = self.pool_size
-        windows = kernels().scale_shift_relu_pool_windows(
-            maps, *eval_affine(self.norm), r, self.pool_type == 'max')
+        ops = kernels()
+        windows = ops.scale_shift_relu_pool_windows(
+            maps, *eval_affine(self.norm, loops=loops), r,
+            self.pool_type == 'max')
         bias = F.linear(windows.view(maps.shape[0], self.num_bias, -1),
                         self.mix.weight.view(r * r, -1), self.mix.bias)
-        return kernels().upsample_scale_shift_relu(
+        return ops.upsample_scale_shift_relu(
             bias.view(maps.shape[0], self.num_bias, r, r), *size,
             scale, shift)
 

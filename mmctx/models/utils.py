@@ -162,17 +162,23 @@ def norm_affine(mean, var, weight, bias, eps):
     return invstd, scale, bias - mean * scale
 
 
-def eval_affine(norm, dtype=None):
+def eval_affine(norm, dtype=None, loops=None):
     """An eval-mode, affine BatchNorm with running statistics as ``x *
     scale + shift`` per channel: (scale, shift) in ``dtype`` (default: the
     norm's). Computed at every call: keeping it between calls by the
     tensors' version counters would miss changes made through ``.data``
     (mmengine's EMAHook swaps parameters that way). Where autograd does not
     record and the loops apply, one C++ call computes it in double
-    (``norm_scale_shift``); otherwise the tensor ops, in ``dtype``."""
+    (``norm_scale_shift``); otherwise the tensor ops, in ``dtype``.
+    ``loops``: the compiled loops, passed by a caller that has established
+    eager inference (no autograd, not traced; e.g. a block's inference
+    plan), so that only the norm's tensors are checked."""
     tensors = (norm.weight, norm.bias, norm.running_mean, norm.running_var)
-    dtype = dtype or norm.weight.dtype
-    ops = _affine_loops(tensors, dtype)
+    dtype = dtype or tensors[0].dtype
+    if loops is None:
+        ops = _affine_loops(tensors, dtype)
+    else:
+        ops = loops if _affine_tensors_fit(tensors, dtype) else None
     if ops is not None:
         return tuple(ops.norm_scale_shift(*tensors, norm.eps,
                                           dtype == torch.float64))
@@ -180,17 +186,23 @@ def eval_affine(norm, dtype=None):
     return norm_affine(mean, var, weight, bias, norm.eps)[1:]
 
 
-def _affine_loops(tensors, dtype):
-    """The compiled loops where :func:`eval_affine` may use them: CPU
-    tensors of one float dtype, asked for in that dtype or float64,
-    nothing recorded by autograd, eager code (not traced, scripted,
-    compiled or exported)."""
+def _affine_tensors_fit(tensors, dtype):
+    """Whether ``norm_scale_shift`` takes these tensors, asked for in
+    ``dtype``: contiguous CPU tensors of one float dtype, that or float64
+    asked for."""
     weight = tensors[0]
-    if weight.device.type != 'cpu' or dtype not in (weight.dtype,
-                                                     torch.float64) \
-            or weight.dtype not in (torch.float32, torch.float64) \
-            or any(t.dtype != weight.dtype or not t.is_contiguous()
-                   for t in tensors) \
+    kind = weight.dtype
+    return (weight.device.type == 'cpu'
+            and kind in (torch.float32, torch.float64)
+            and dtype in (kind, torch.float64)
+            and all(t.dtype == kind and t.is_contiguous() for t in tensors))
+
+
+def _affine_loops(tensors, dtype):
+    """The compiled loops where :func:`eval_affine` may use them: tensors
+    that :func:`_affine_tensors_fit`, nothing recorded by autograd, eager
+    code (not traced, scripted, compiled or exported)."""
+    if not _affine_tensors_fit(tensors, dtype) \
             or (torch.is_grad_enabled()
                 and any(t.requires_grad for t in tensors)) \
             or size_generic_path() or torch.jit.is_tracing():

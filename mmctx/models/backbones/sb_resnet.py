@@ -13,8 +13,7 @@ from ..spatial_bias import SpatialBias
 from ..norm_gate import kernels, step_statistics
 from ..utils import (PointwiseConv2d, build_pointwise_conv, check_choice,
                      check_int, check_positive_int, check_stage_flags,
-                     eval_affine,
-                     few_maps_applies, gemm_applies, hooked, pointwise_conv,
+                     eval_affine, FEW_MAPS, hooked, pointwise_conv,
                      size_generic_path)
 from .context_resnet import ContextResNet, check_plugin_cfg, check_plugins
 from .pretrained_slices import (compose, editable_pretrained_slices,
@@ -96,7 +95,8 @@ class SBBottleneck(Bottleneck):
         """Whether a forward of this class may replace the upstream one:
         eager code (no autocast, tracing) on a contiguous float map, the
         paper's concatenation, affine BatchNorms, a plain conv3 and no
-        plugins or hooks of others on the layers it bypasses."""
+        plugins or hooks of others on the layers it bypasses (the ReLU
+        included: the fused passes apply it)."""
         if self.with_plugins or self.spatial_bias.fusion != 'concat' \
                 or not x.is_contiguous() or not x.is_floating_point() \
                 or torch.is_autocast_enabled(x.device.type) \
@@ -111,7 +111,7 @@ class SBBottleneck(Bottleneck):
                 and type(self.conv3) in (nn.Conv2d, PointwiseConv2d)
                 and self.conv3.bias is None and self.conv3.groups == 1
                 and only_composes(self.conv3)
-                and not hooked(self.spatial_bias)
+                and not hooked(self.spatial_bias) and not hooked(self.relu)
                 and not self.conv2._forward_pre_hooks
                 and len(conv2_hooks) == 1
                 and getattr(next(iter(conv2_hooks.values())), '__func__',
@@ -121,10 +121,12 @@ class SBBottleneck(Bottleneck):
         """Whether :meth:`forward_inference` may replace the upstream
         forward: inference (eval mode, no autograd) through eval
         BatchNorms, where :meth:`_bypass_applies`."""
-        return (not self.training and not torch.is_grad_enabled()
-                and all(not norm.training and norm.running_mean is not None
-                        for norm in (self.norm2, self.norm3))
-                and self._bypass_applies(x))
+        if self.training or torch.is_grad_enabled() \
+                or not self._bypass_applies(x):
+            return False
+        norm2, norm3 = self.norm2, self.norm3
+        return not norm2.training and norm2.running_mean is not None \
+            and not norm3.training and norm3.running_mean is not None
 
     def _training_applies(self, x):
         """Whether :meth:`forward_train` may replace the upstream forward:
@@ -145,24 +147,28 @@ class SBBottleneck(Bottleneck):
     def _squeeze_fuses(self, out):
         """Whether :meth:`forward_inference` may run bn1, the ReLU and the
         branch's squeeze on conv1's output ``out`` as one C++ pass: an
-        eval, affine, unhooked bn1, a plain unhooked 1x1 squeeze conv with
-        few output maps, contiguous float CPU maps, the loops compiled."""
+        eval, affine, unhooked bn1 (the ReLU is unhooked, see
+        :meth:`_bypass_applies`), a plain unhooked 1x1 squeeze conv with
+        few output maps, contiguous float CPU maps; the forward has
+        established eager inference with the loops compiled."""
         norm1, squeeze = self.norm1, self.spatial_bias.squeeze
+        weight = squeeze.weight
         return (isinstance(norm1, _BatchNorm) and not norm1.training
                 and norm1.affine and norm1.running_mean is not None
-                and not hooked(norm1) and not hooked(self.relu)
-                and type(squeeze) in (nn.Conv2d, PointwiseConv2d)
+                and not hooked(norm1) and type(squeeze) in (nn.Conv2d, PointwiseConv2d)
                 and squeeze.bias is None and not hooked(squeeze)
-                and out.device.type == 'cpu' and out.is_contiguous()
-                and gemm_applies(out)
-                and few_maps_applies(squeeze.weight, out)
+                and out.device.type == 'cpu' and out.dim() == 4
+                and out.is_contiguous() and weight.shape[0] <= FEW_MAPS
+                and out.dtype in (torch.float32, torch.float64)
+                and weight.dtype == out.dtype
                 and norm1.weight.dtype == out.dtype)
 
     def forward(self, x):
-        if self._inference_applies(x):
+        if self.training:
+            if self._training_applies(x):
+                return self.forward_train(x)
+        elif self._inference_applies(x):
             return self.forward_inference(x)
-        if self._training_applies(x):
-            return self.forward_train(x)
         return super().forward(x)
 
     def forward_train(self, x):
@@ -211,14 +217,20 @@ class SBBottleneck(Bottleneck):
     def forward_inference(self, x):
         """The upstream forward in inference, without the concatenation
         (see the class docstring); call where :meth:`_inference_applies`.
+        The checks of what it established (eager inference) are not made
+        again below: Python between the convs runs on caches they have
+        just flushed, at several times its cost in a warm loop.
         """
+        # the C++ loops where they may apply; else the tensor ops
+        loops = kernels() if x.device.type == 'cpu' and x.dtype in (
+            torch.float32, torch.float64) else None
         out = self.conv1(x)
         squeezed = None
-        if self._squeeze_fuses(out):
+        if loops is not None and self._squeeze_fuses(out):
             # bn1, the ReLU and the branch's squeeze in one pass
-            scale1, shift1 = eval_affine(self.norm1)
+            scale1, shift1 = eval_affine(self.norm1, loops=loops)
             squeeze = self.spatial_bias.squeeze.weight
-            out, squeezed = kernels().scale_shift_relu_few_maps(
+            out, squeezed = loops.scale_shift_relu_few_maps(
                 out, scale1, shift1,
                 squeeze.reshape(squeeze.shape[0], -1).contiguous())
         else:
@@ -227,23 +239,32 @@ class SBBottleneck(Bottleneck):
         norm2, norm3, planes = self.norm2, self.norm3, self.planes
         for layer in (norm2, self.conv3):
             compose(layer)
-        scale2, shift2 = eval_affine(norm2)
+        scale2, shift2 = eval_affine(norm2, loops=loops)
         branch = self.spatial_bias
         if squeezed is None:
             squeezed = branch.squeeze(out)
-        if branch.inference_bias_applies(squeezed):
+        if loops is not None and branch.inference_bias_fits(squeezed):
             # the branch after its squeeze and bn2 + ReLU of its maps in
             # two C++ passes and a GEMM
             bias = branch.inference_bias(squeezed, main.shape[-2:],
-                                         scale2[planes:], shift2[planes:])
+                                         scale2[planes:], shift2[planes:],
+                                         loops)
         else:
             bias = branch.spatial_bias_of_squeezed(squeezed, main.shape[-2:])
             bias = F.relu(torch.addcmul(shift2[planes:, None, None], bias,
                                         scale2[planes:, None, None]))
-        main = F.batch_norm(main, norm2.running_mean[:planes],
-                            norm2.running_var[:planes], norm2.weight[:planes],
-                            norm2.bias[:planes], False, 0., norm2.eps)
-        main = self.relu(main)
+        if loops is not None and main.is_contiguous():
+            # bn2 and the ReLU on conv2's channels in one pass (the loops'
+            # squeeze to no maps), where the plain ops make two
+            main = loops.scale_shift_relu_few_maps(
+                main, scale2[:planes], shift2[:planes],
+                main.new_empty(0, planes))[0]
+        else:
+            main = self.relu(
+                F.batch_norm(main, norm2.running_mean[:planes],
+                             norm2.running_var[:planes],
+                             norm2.weight[:planes], norm2.bias[:planes],
+                             False, 0., norm2.eps))
         # conv3 on conv2's channels; the bias channels' inputs of conv3 act
         # on the bias maps as a rank-k term
         out = pointwise_conv(self.conv3.weight[:, :planes], main)
@@ -252,15 +273,15 @@ class SBBottleneck(Bottleneck):
             identity = self.downsample[:-1](x)
         else:
             identity = x if self.downsample is None else self.downsample(x)
-        scale3, shift3 = eval_affine(norm3)
+        scale3, shift3 = eval_affine(norm3, loops=loops)
         rank_weight = self.conv3.weight[:, planes:].flatten(1)
-        if _tail_fuses(out, identity, bias):
+        if loops is not None and _tail_fuses(out, identity, bias):
             # bn3 of conv3's output plus the rank-k term, the downsample's
             # norm, the residual add and the ReLU in one pass
-            return kernels().rank_scale_shift_add_relu(
+            return loops.rank_scale_shift_add_relu(
                 out, identity, scale3, shift3, rank_weight, bias, out,
-                *(eval_affine(downsample_norm) if downsample_norm is not None
-                  else (None, None)))
+                *(eval_affine(downsample_norm, loops=loops)
+                  if downsample_norm is not None else (None, None)))
         if downsample_norm is not None:
             identity = downsample_norm(identity)
         batch, channels, height, width = out.shape
@@ -337,15 +358,15 @@ class SBBottleneck(Bottleneck):
 
 
 def _tail_fuses(out, identity, bias):
-    """Whether the compiled loops may finish the block in inference (see
-    :meth:`SBBottleneck.forward_inference`): contiguous float32 / float64
-    CPU maps of one dtype, identity shaped like conv3's output."""
+    """Whether the compiled loops (built; see
+    :meth:`SBBottleneck.forward_inference`) may finish the block in
+    inference: contiguous float32 / float64 CPU maps of one dtype, identity
+    shaped like conv3's output."""
     return (out.device.type == 'cpu' and out.dtype in (torch.float32,
                                                        torch.float64)
             and all(t.dtype == out.dtype and t.device == out.device
                     and t.is_contiguous() for t in (identity, bias))
-            and out.is_contiguous() and identity.shape == out.shape
-            and kernels() is not None)
+            and out.is_contiguous() and identity.shape == out.shape)
 
 
 @MODELS.register_module()
