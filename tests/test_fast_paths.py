@@ -583,6 +583,81 @@ def test_ge_resnet_inference_folds_norm3_exactly(variant, monkeypatch):
             torch.testing.assert_close(f, p.detach(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('variant', ['depthwise', 'depthwise_excite'])
+def test_folded_gate_loops_equal_the_tensor_ops(dtype, variant):
+    """GE-θ / θ⁺'s gate folded with bn3 in inference as C++ loops (the
+    dots and the kernel's sums in one read, then the context, gather norm,
+    excite MLP and sigmoid in one call: ``_folded_gate_loops``) equals the
+    tensor ops (``folded_gate`` without the loops) and the module on
+    ``bn3(x)``, at the reference size, off it and at batch 1; the tensor
+    ops run where a gather norm or excite conv is hooked, the gather norm
+    trains or is a GroupNorm, or a norm's dtype differs from the map's."""
+    from mmctx.models.norm_gate import kernels
+    ops = kernels()
+    torch.manual_seed(0)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype is torch.float64 else \
+        dict(rtol=1e-5, atol=1e-6)
+
+    def build(norm_cfg=dict(type='BN')):
+        ge = GatherExcite(32, variant=variant, extent='global',
+                          feature_size=14, norm_cfg=norm_cfg)
+        for p in ge.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        for m in ge.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+        return ge.to(dtype).eval()
+
+    ge = build()
+    norm = torch.nn.BatchNorm2d(32)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.5, 2)
+    norm.to(dtype).eval()
+    with torch.no_grad():
+        for shape in [(2, 32, 14, 14), (1, 32, 9, 20), (3, 32, 30, 31)]:
+            x = torch.randn(shape, dtype=dtype)
+            assert ge._gate_loops_apply(x)
+            loops = ge._folded_gate_loops(x, norm, ops)
+            plain = ge.folded_gate(x, norm)
+            assert loops is not None
+            for a, b in zip(loops, plain):
+                assert a.shape == b.shape == (*shape[:2], 1, 1)
+                assert a.dtype == dtype
+                torch.testing.assert_close(a, b, **tol)
+            torch.testing.assert_close(x * loops[0] + loops[1],
+                                       ge(norm(x)), **tol)
+        # the dots' kernel sums, in the same read
+        kernel = ge.gather.weight.squeeze(1)
+        for x in (torch.randn(2, 32, 14, 14, dtype=dtype),
+                  torch.randn(2, 32, 9, 20, dtype=dtype)):
+            sums = x.new_empty(32, dtype=torch.float64)
+            dots = (ops.channel_dots if x.shape[-1] == 14 else
+                    ops.pooled_dot)(x, kernel, sums)
+            assert dots.shape == (2, 32)
+            torch.testing.assert_close(sums, kernel.double().sum((1, 2)),
+                                       **tol)
+        x = torch.randn(2, 32, 14, 14, dtype=dtype)
+        layers = [ge.gather_norms[0]] + (
+            list(ge.excite) if variant == 'depthwise_excite' else [])
+        for layer in layers:
+            handle = layer.register_forward_hook(lambda m, i, o: None)
+            assert not ge._gate_loops_apply(x)
+            handle.remove()
+        assert ge._gate_loops_apply(x)
+        ge.gather_norms[0].train()
+        assert not ge._gate_loops_apply(x)
+        ge.gather_norms[0].eval()
+        assert not build(dict(type='GN', num_groups=4))._gate_loops_apply(x)
+        other = torch.float32 if dtype is torch.float64 else torch.float64
+        assert not ge._gate_loops_apply(x.to(other))
+        norm.running_var.data = norm.running_var.to(other)
+        assert ge._folded_gate_loops(x, norm, ops) is None
+
+
 @pytest.mark.parametrize('backbone', [
     dict(type='GEResNet', ge=dict(variant='parameter_free')),
     dict(type='GEResNet', ge=dict(variant='depthwise')),

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import norm_gate
 from .gating import (channel_dot, channel_gate, channel_gate_add,
@@ -203,11 +204,19 @@ class GatherExcite(BaseModule):
         """
         return channel_scale_shift(x, *self.folded_gate(x, norm))
 
-    def folded_gate(self, x, norm):
+    def folded_gate(self, x, norm, loops=None):
         """(B, C, 1, 1) ``scale`` and ``shift`` with ``self(norm(x)) = x *
         scale + shift``, for an eval-mode, affine BatchNorm ``norm`` (global
         extent): the norm's ``a``, ``b`` times the gate of ``a x + b``'s
-        context, computed from ``x``'s."""
+        context, computed from ``x``'s. ``loops``: the compiled loops, from
+        a caller that has established eager inference on contiguous float
+        CPU maps (:func:`mmctx.models.norm_gate.inference_applies`); then
+        GE-θ and θ⁺ compute the gate from the map's dot products in one
+        C++ call (:meth:`_folded_gate_loops`)."""
+        if loops is not None and self._gate_loops_apply(x):
+            folded = self._folded_gate_loops(x, norm, loops)
+            if folded is not None:
+                return folded
         scale, shift = eval_affine(norm)
         if self.variant == 'parameter_free':
             context = x.mean((2, 3)) * scale + shift
@@ -218,6 +227,60 @@ class GatherExcite(BaseModule):
                                 context[..., None, None])
         gate = self._gate_of_context(context.view(*x.shape[:2], 1, 1))
         return scale.view(1, -1, 1, 1) * gate, shift.view(1, -1, 1, 1) * gate
+
+    def _gate_loops_apply(self, x):
+        """Whether :meth:`_folded_gate_loops` may compute the gate on ``x``
+        (in eager inference, the loops compiled): GE-θ or θ⁺ with an eval,
+        affine gather BatchNorm with running statistics, plain excite
+        convs, none hooked, weights in ``x``'s dtype."""
+        if self.variant == 'parameter_free' \
+                or self.gather.weight.dtype != x.dtype:
+            return False
+        gather_norm = self.gather_norms[0]
+        if not isinstance(gather_norm, _BatchNorm) or gather_norm.training \
+                or not gather_norm.affine \
+                or gather_norm.running_mean is None or hooked(gather_norm):
+            return False
+        if self.variant == 'depthwise':
+            return True
+        squeeze, relu, expand = self.excite
+        return (type(squeeze) is nn.Conv2d and type(expand) is nn.Conv2d
+                and type(relu) is nn.ReLU
+                and squeeze.bias is not None and expand.bias is not None
+                and squeeze.weight.dtype == expand.weight.dtype == x.dtype
+                and not hooked(self.excite) and not hooked(squeeze)
+                and not hooked(relu) and not hooked(expand))
+
+    def _folded_gate_loops(self, x, norm, loops):
+        """:meth:`folded_gate` where :meth:`_gate_loops_apply`: the map's
+        dot products with the kernel and the kernel's sums in one read
+        (``channel_dots``, or ``pooled_dot`` away from the reference size),
+        then the context, the gather norm, the gate and its product with
+        the norm's affine map in one call (``global_gate_scale_shift``).
+        Equal to the tensor ops up to float rounding. None where a norm's
+        tensors are not contiguous tensors of ``x``'s dtype."""
+        gather_norm = self.gather_norms[0]
+        norms = [norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                 gather_norm.weight, gather_norm.bias,
+                 gather_norm.running_mean, gather_norm.running_var]
+        if any(t.dtype != x.dtype or not t.is_contiguous() for t in norms):
+            return None
+        kernel = self.gather.weight.squeeze(1)
+        kernel_sums = x.new_empty(x.shape[1], dtype=torch.float64)
+        if tuple(x.shape[-2:]) == self.feature_size:
+            dots = loops.channel_dots(x, kernel, kernel_sums)
+        else:
+            dots = loops.pooled_dot(x, kernel, kernel_sums)
+        excite = []
+        if self.variant == 'depthwise_excite':
+            squeeze, _, expand = self.excite
+            excite = [squeeze.weight, squeeze.bias, expand.weight,
+                      expand.bias]
+        scale, shift = loops.global_gate_scale_shift(
+            dots, kernel_sums, norms[:4], norm.eps, norms[4:],
+            gather_norm.eps, excite, x.dtype)
+        return (scale.view(*x.shape[:2], 1, 1),
+                shift.view(*x.shape[:2], 1, 1))
 
     def _excite(self, context):
         """``self.excite(context)``. On a (B, C, 1, 1) context (global

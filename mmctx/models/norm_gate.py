@@ -279,7 +279,8 @@ def pooled_dot(x, kernel):
     one read of the map (C++ loops; the pooling's banded GEMMs read it
     about three times over). Equal to the pool and the dot product up to
     float rounding. Call only where :func:`pooled_dot_applies`."""
-    return kernels().pooled_dot(x, kernel.contiguous()).to(x.dtype)
+    return kernels().pooled_dot(x, kernel.contiguous(), None).to(
+        x.dtype)
 
 
 def batch_statistics(sums, squares, count):
@@ -399,10 +400,11 @@ def norm_gate_add_relu_inference(z, identity, norm, gate_module,
     overwrites ``z`` (the caller's temporary; see
     :meth:`GatedBottleneck.forward`). Call only where
     :func:`inference_applies`."""
-    scale, shift = gate_module.folded_gate(z, norm)
-    return kernels().scale_shift_add_relu(z, identity, scale.reshape(-1),
-                                          shift.reshape(-1),
-                                          z if in_place else None)
+    loops = kernels()
+    scale, shift = gate_module.folded_gate(z, norm, loops)
+    return loops.scale_shift_add_relu(z, identity, scale.reshape(-1),
+                                      shift.reshape(-1),
+                                      z if in_place else None)
 
 
 def norm_gate_add_relu(z, identity, norm, gate_module):

@@ -44,6 +44,17 @@ torch::Tensor values_like(const torch::Tensor& t, const torch::Tensor& z) {
   return t.to(z.scalar_type()).contiguous();
 }
 
+// The data of an optional (C) float64 output of per-channel kernel sums.
+double* checked_sums(const c10::optional<torch::Tensor>& sums,
+                     int64_t channels) {
+  if (!sums) return nullptr;
+  TORCH_CHECK(sums->device().is_cpu() && sums->is_contiguous() &&
+                  sums->scalar_type() == torch::kFloat64 &&
+                  sums->numel() == channels,
+              "kernel_sums must be a contiguous CPU (C) float64 tensor");
+  return sums->data_ptr<double>();
+}
+
 }  // namespace
 
 // Per row of z: its sum, its sum of squares and, with a kernel, its dot
@@ -377,6 +388,128 @@ std::vector<torch::Tensor> norm_scale_shift(torch::Tensor weight,
   return {scale, shift};
 }
 
+// GE-θ / θ⁺'s global gate in inference, folded with the block's eval
+// bn3 (z a + s per channel): from the dot products `dots` (B, C) of conv3's
+// output z (resampled to the kernel's size) with the gather kernel (C, h,
+// w) and the kernel's sums per channel (both from channel_dots or
+// pooled_dot), the per-row scale and shift of scale_shift_add_relu, gate *
+// (a, s). The context of bn3(z) is a dot + s sum(kernel); the gather norm
+// follows,
+// then the gate: the sigmoid of that (θ), or of the excite MLP on its ReLU
+// (1x1 convs (w1, b1), ReLU, (w2, b2): θ⁺). Norms are (weight, bias,
+// running mean, running var), all tensors of dtype (the maps'); the algebra
+// in double except the MLP's products (in dtype, as the convs). One call
+// where the tensor ops make about fifteen small ones per block.
+std::vector<torch::Tensor> global_gate_scale_shift(
+    torch::Tensor dots, torch::Tensor kernel_sums,
+    std::vector<torch::Tensor> norm,
+    double eps, std::vector<torch::Tensor> gather_norm, double gather_eps,
+    std::vector<torch::Tensor> excite, at::ScalarType dtype) {
+  TORCH_CHECK(dots.dim() == 2 && dots.device().is_cpu() &&
+                  dots.is_contiguous() &&
+                  dots.scalar_type() == torch::kFloat64,
+              "dots must be a contiguous CPU (B, C) float64 tensor");
+  const int64_t batch = dots.size(0), channels = dots.size(1);
+  const double* kernel_sum = checked_sums(kernel_sums, channels);
+  TORCH_CHECK(norm.size() == 4 && gather_norm.size() == 4 &&
+                  (excite.empty() || excite.size() == 4),
+              "norms must be (weight, bias, mean, var), excite (w1, b1, w2, "
+              "b2) or empty");
+  std::vector<torch::Tensor> stats(norm);
+  stats.insert(stats.end(), gather_norm.begin(), gather_norm.end());
+  for (const auto& t : stats)
+    TORCH_CHECK(t.dim() == 1 && t.numel() == channels && t.device().is_cpu() &&
+                    t.is_contiguous() && t.scalar_type() == dtype,
+                "norm tensors must be contiguous CPU tensors of dtype, one "
+                "value per channel");
+  const int64_t hidden = excite.empty() ? 0 : excite[0].size(0);
+  if (!excite.empty()) {
+    TORCH_CHECK(excite[0].numel() == hidden * channels &&
+                    excite[1].numel() == hidden &&
+                    excite[2].numel() == channels * hidden &&
+                    excite[3].numel() == channels,
+                "excite must be (H, C) and (C, H) convs with biases");
+    for (const auto& t : excite)
+      TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
+                      t.scalar_type() == excite[0].scalar_type(),
+                  "excite tensors must be contiguous CPU tensors of one "
+                  "dtype");
+  }
+  TORCH_CHECK(at::isFloatingType(dtype) &&
+                  (excite.empty() || excite[0].scalar_type() == dtype),
+              "dtype must be a float dtype, the excite tensors' if given");
+  auto opts = dots.options().dtype(dtype);
+  auto scale_out = torch::empty({batch * channels}, opts),
+       shift_out = torch::empty({batch * channels}, opts);
+  std::vector<double> a(channels), s(channels), context(batch * channels);
+  const double* dp = dots.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "global_gate_scale_shift", [&] {
+    const scalar_t *w = stats[0].data_ptr<scalar_t>(),
+                   *b = stats[1].data_ptr<scalar_t>(),
+                   *m = stats[2].data_ptr<scalar_t>(),
+                   *v = stats[3].data_ptr<scalar_t>(),
+                   *gw = stats[4].data_ptr<scalar_t>(),
+                   *gb = stats[5].data_ptr<scalar_t>(),
+                   *gm = stats[6].data_ptr<scalar_t>(),
+                   *gv = stats[7].data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      a[c] = double(w[c]) / std::sqrt(double(v[c]) + eps);
+      s[c] = double(b[c]) - double(m[c]) * a[c];
+      const double g = double(gw[c]) / std::sqrt(double(gv[c]) + gather_eps),
+                   h = double(gb[c]) - double(gm[c]) * g,
+                   shift = s[c] * kernel_sum[c];
+      for (int64_t n = 0; n < batch; ++n)
+        context[n * channels + c] = (dp[n * channels + c] * a[c] + shift) * g + h;
+    }
+    if (hidden) {
+      // the excite MLP, products in the weights' dtype
+      const scalar_t *w1 = excite[0].data_ptr<scalar_t>(),
+                     *b1 = excite[1].data_ptr<scalar_t>(),
+                     *w2 = excite[2].data_ptr<scalar_t>(),
+                     *b2 = excite[3].data_ptr<scalar_t>();
+      std::vector<scalar_t> inputs(batch * channels), mids(batch * hidden);
+      for (int64_t i = 0; i < batch * channels; ++i)
+        inputs[i] = scalar_t(context[i] > 0 ? context[i] : 0);
+      const int64_t work = batch * channels;
+      at::parallel_for(0, hidden, std::max<int64_t>(1, 4 * kSerial / work),
+                       [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t n = 0; n < batch; ++n) {
+            const scalar_t *row = w1 + j * channels,
+                           *in = inputs.data() + n * channels;
+            scalar_t sum = 0;
+            _Pragma("omp simd reduction(+ : sum)")
+            for (int64_t c = 0; c < channels; ++c) sum += row[c] * in[c];
+            sum += b1[j];
+            mids[n * hidden + j] = sum > scalar_t(0) ? sum : scalar_t(0);
+          }
+      });
+      at::parallel_for(0, channels,
+                       std::max<int64_t>(1, 4 * kSerial / (batch * hidden)),
+                       [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t n = 0; n < batch; ++n) {
+            const scalar_t *row = w2 + c * hidden,
+                           *mid = mids.data() + n * hidden;
+            scalar_t sum = 0;
+            _Pragma("omp simd reduction(+ : sum)")
+            for (int64_t j = 0; j < hidden; ++j) sum += row[j] * mid[j];
+            context[n * channels + c] = double(sum + b2[c]);
+          }
+      });
+    }
+    scalar_t *sp = scale_out.data_ptr<scalar_t>(),
+             *hp = shift_out.data_ptr<scalar_t>();
+    for (int64_t n = 0; n < batch; ++n)
+      for (int64_t c = 0; c < channels; ++c) {
+        const double gate = 1 / (1 + std::exp(-context[n * channels + c]));
+        sp[n * channels + c] = a[c] * gate;
+        hp[n * channels + c] = s[c] * gate;
+      }
+  });
+  return {scale_out, shift_out};
+}
+
 // PSI's patch values from its per-offset maps (B, ph * pw, H, W): the maps
 // adaptively average-pooled to the (gh * ph, gw * pw) reference grid, patch
 // (a, c) taking its pixel at offset (i, j) from map i * pw + j; (B, gh, gw).
@@ -436,7 +569,8 @@ torch::Tensor offset_patches(torch::Tensor maps, int64_t ph, int64_t pw,
 // (h, W) buffer in cache; then each buffer row's window sums along W meet
 // the kernel. Equal to the pool followed by the dot product up to float
 // rounding.
-torch::Tensor pooled_dot(torch::Tensor x, torch::Tensor kernel) {
+torch::Tensor pooled_dot(torch::Tensor x, torch::Tensor kernel,
+                         c10::optional<torch::Tensor> kernel_sums) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
               "x must be a contiguous CPU (B, C, H, W) tensor");
   TORCH_CHECK(kernel.dim() == 3 && kernel.device().is_cpu() &&
@@ -450,6 +584,7 @@ torch::Tensor pooled_dot(torch::Tensor x, torch::Tensor kernel) {
   const auto holders = window_holders(rows, height);
   auto out = torch::empty({x.size(0), channels},
                           x.options().dtype(torch::kFloat64));
+  double* sums_out = checked_sums(kernel_sums, channels);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pooled_dot", [&] {
     const scalar_t *xp = x.data_ptr<scalar_t>(),
                    *kp = kernel.data_ptr<scalar_t>();
@@ -482,6 +617,11 @@ torch::Tensor pooled_dot(torch::Tensor x, torch::Tensor kernel) {
           total += row_total / double(rows[a].second - rows[a].first);
         }
         op[r] = total;
+        if (sums_out && r < channels) {
+          double kernel_total = 0;
+          for (int64_t i = 0; i < h * w; ++i) kernel_total += kc[i];
+          sums_out[r] = kernel_total;
+        }
       }
     });
   });
@@ -1488,8 +1628,10 @@ torch::Tensor upsample_scale_shift_relu(torch::Tensor maps, int64_t height,
 // Per row (b, c) of x: its dot product with channel c's kernel, in double
 // (float sums over chunks, vectorised; the chunks' sums in double): a
 // global depthwise gather (GE-θ / θ⁺ at the reference size) in inference,
-// one read of the map.
-torch::Tensor channel_dots(torch::Tensor x, torch::Tensor kernel) {
+// one read of the map. With kernel_sums (C, float64), also each channel's
+// kernel sum, added up with the first image's dots (the kernel read once).
+torch::Tensor channel_dots(torch::Tensor x, torch::Tensor kernel,
+                           c10::optional<torch::Tensor> kernel_sums) {
   TORCH_CHECK(x.dim() == 4, "x must be (B, C, H, W)");
   check_map(x, x, "x");
   check_kernel(kernel, x);
@@ -1497,6 +1639,7 @@ torch::Tensor channel_dots(torch::Tensor x, torch::Tensor kernel) {
                 n = x.numel() / rows;
   auto out = torch::empty({x.size(0), channels},
                           x.options().dtype(torch::kFloat64));
+  double* sums_out = checked_sums(kernel_sums, channels);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_dots", [&] {
     const scalar_t *xp = x.data_ptr<scalar_t>(),
                    *kp = kernel.data_ptr<scalar_t>();
@@ -1505,15 +1648,26 @@ torch::Tensor channel_dots(torch::Tensor x, torch::Tensor kernel) {
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t *xr = xp + r * n, *kr = kp + (r % channels) * n;
-        double total = 0;
+        const bool with_sum = sums_out && r < channels;
+        double total = 0, kernel_total = 0;
         for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
           const int64_t c1 = std::min(n, c0 + kChunk);
-          scalar_t sum = 0;
-          _Pragma("omp simd reduction(+ : sum)")
-          for (int64_t i = c0; i < c1; ++i) sum += xr[i] * kr[i];
+          scalar_t sum = 0, kernel_sum = 0;
+          if (with_sum) {
+            _Pragma("omp simd reduction(+ : sum, kernel_sum)")
+            for (int64_t i = c0; i < c1; ++i) {
+              sum += xr[i] * kr[i];
+              kernel_sum += kr[i];
+            }
+          } else {
+            _Pragma("omp simd reduction(+ : sum)")
+            for (int64_t i = c0; i < c1; ++i) sum += xr[i] * kr[i];
+          }
           total += sum;
+          kernel_total += kernel_sum;
         }
         op[r] = total;
+        if (with_sum) sums_out[r] = kernel_total;
       }
     });
   });
@@ -1525,6 +1679,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adaptive_avg_pool", &adaptive_avg_pool);
   m.def("offset_patches", &offset_patches);
   m.def("norm_scale_shift", &norm_scale_shift);
+  m.def("global_gate_scale_shift", &global_gate_scale_shift);
   m.def("row_moments", &row_moments);
   m.def("scale_shift_add_relu", &scale_shift_add_relu);
   m.def("relu_grad_moments", &relu_grad_moments);
