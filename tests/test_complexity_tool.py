@@ -66,7 +66,7 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
-    """tools/analysis/fast_path_ab.py prints all seventeen tables, every stage,
+    """tools/analysis/fast_path_ab.py prints all eighteen tables, every stage,
     setting and gated model, with positive times and ratios."""
     stdout = run([
         sys.executable, repo_root / 'tools' / 'analysis' /
@@ -81,7 +81,7 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
     (pools, reductions, networks, pixel_gates, blocks, norm_gates,
      norm_gate_networks, few_maps, fused_squeezes, pooled_dots,
      offset_dots, inference, sb_tail, sb_head, kernel_grads,
-     tail_writes, eval_affines) = tables
+     tail_writes, eval_affines, gate_loops) = tables
 
     def numbers(cell):
         return [float(v) for v in cell.replace('/', '→').split('→')]
@@ -152,8 +152,12 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
         for name in ('SB-R50', 'GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50',
                      'PSI-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'GE-θ-R50',
                      'GE-θ⁺-R50', 'PSI-R50', 'SB-R50', 'PSI-R50',
-                     'GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50')]
-    for r in inference:
+                     'GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50',
+                     'GE-θ-R50', 'GE-θ⁺-R50')]
+    assert [(r[0].strip(), r[2].strip()) for r in gate_loops] == [
+        (name, size) for size in ('2x3x32x32', '1x3x64x96')
+        for name in ('GE-θ-R50', 'GE-θ⁺-R50')]
+    for r in inference + gate_loops:
         assert all(v > 0 for v in numbers(r[3])) and float(r[4]) > 0
     assert [(r[0].strip(), r[1].strip()) for r in sb_tail] == [
         ('block, stage 1', '2x256x8x8'), ('block, stage 2', '2x512x4x4'),

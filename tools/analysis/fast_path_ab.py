@@ -68,7 +68,11 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
   second block of each stage at ``--block-shape`` batch ``--batch`` and at
   ``--shape`` batch 1 (eval);
 - an eval BatchNorm's scale and shift (``utils.eval_affine``) as one C++
-  call vs the previous release's tensor ops, per call.
+  call vs the previous release's tensor ops, per call;
+- GE-θ / θ⁺'s gate folded with bn3 in inference as one C++ call
+  (``GatherExcite._folded_gate_loops``) vs the tensor ops, whole networks
+  at ``--block-shape`` batch ``--batch`` and ``--shape`` batch 1
+  (``--network-repeats`` pairs).
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --tables norm-gate
@@ -79,6 +83,7 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
     python tools/analysis/fast_path_ab.py --tables offset-dot inference
     python tools/analysis/fast_path_ab.py --tables sb-head kernel-grad
     python tools/analysis/fast_path_ab.py --tables tail-write eval-affine
+    python tools/analysis/fast_path_ab.py --tables gate-loops
 """
 import argparse
 import math
@@ -116,7 +121,8 @@ NETWORKS = ['GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50']
 # tables, each printed by <name>_table
 TABLES = ['pooling', 'reduction', 'network', 'pixel-gate', 'block',
           'norm-gate', 'few-maps', 'offset-dot', 'inference', 'sb-tail',
-          'sb-head', 'kernel-grad', 'tail-write', 'eval-affine']
+          'sb-head', 'kernel-grad', 'tail-write', 'eval-affine',
+          'gate-loops']
 
 
 def parse_args():
@@ -614,8 +620,9 @@ def offset_dot_rows(shape, block_shape, batch, repeats):
         height, width = height // 2, width // 2
 
 
-def inference_rows(shape, block_shape, batch, repeats):
-    """Whole-network inference with each inference path / without it."""
+def inference_rows(shape, block_shape, batch, repeats, only=None):
+    """Whole-network inference with each inference path / without it
+    (``only``: the cases of these switches)."""
     switches = {
         'SB-R50': [(SBBottleneck, '_inference_applies',
                     lambda self, x: False)],
@@ -633,6 +640,8 @@ def inference_rows(shape, block_shape, batch, repeats):
                          'offset_patch_loops_apply', lambda *args: False)],
         'overwrite': [(GatedBottleneck, '_tail_may_overwrite',
                        lambda self: False)],
+        'gate-loops': [(gather_excite.GatherExcite, '_gate_loops_apply',
+                        lambda self, x: False)],
     }
     cases = [('SB-R50', 'SB-R50', 'bn1 + ReLU + squeeze in one pass, '
               'no concatenation, bn3 + rank-k term + add + ReLU in one '
@@ -650,6 +659,9 @@ def inference_rows(shape, block_shape, batch, repeats):
                '(`offset_patches`)')]
     cases += [(name, 'overwrite', 'tail written over conv3\'s output')
               for name in ('GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50')]
+    cases += [(name, 'gate-loops', 'gate folded with bn3 in one C++ call')
+              for name in ('GE-θ-R50', 'GE-θ⁺-R50')]
+    cases = [case for case in cases if only is None or case[1] in only]
     for batch_, size_ in ((batch, block_shape), (1, shape)):
         x = torch.randn(batch_, 3, *size_)
         for name, switch, what in cases:
@@ -1079,6 +1091,16 @@ def eval_affine_table(args):
         'tensor ops → one C++ call (`norm_scale_shift`), µs per call\n',
         '| channels | asked in | µs |\n|---|---|---:|',
         eval_affine_rows(args.repeats))
+
+
+def gate_loops_table(args):
+    print_table(
+        '\n## GE-θ / θ⁺ inference: the gate folded with bn3 as tensor ops → '
+        'one C++ call (`global_gate_scale_shift`), whole network, ms\n',
+        '| model | path | input | ms | median ratio |\n'
+        '|---|---|---|---:|---:|',
+        inference_rows(size(args.shape), size(args.block_shape), args.batch,
+                       args.network_repeats, only=('gate-loops', )))
 
 
 if __name__ == '__main__':

@@ -155,7 +155,8 @@ class SBBottleneck(Bottleneck):
         weight = squeeze.weight
         return (isinstance(norm1, _BatchNorm) and not norm1.training
                 and norm1.affine and norm1.running_mean is not None
-                and not hooked(norm1) and type(squeeze) in (nn.Conv2d, PointwiseConv2d)
+                and not hooked(norm1)
+                and type(squeeze) in (nn.Conv2d, PointwiseConv2d)
                 and squeeze.bias is None and not hooked(squeeze)
                 and out.device.type == 'cpu' and out.dim() == 4
                 and out.is_contiguous() and weight.shape[0] <= FEW_MAPS

@@ -459,7 +459,8 @@ std::vector<torch::Tensor> global_gate_scale_shift(
                    h = double(gb[c]) - double(gm[c]) * g,
                    shift = s[c] * kernel_sum[c];
       for (int64_t n = 0; n < batch; ++n)
-        context[n * channels + c] = (dp[n * channels + c] * a[c] + shift) * g + h;
+        context[n * channels + c] =
+            (dp[n * channels + c] * a[c] + shift) * g + h;
     }
     if (hidden) {
       // the excite MLP, products in the weights' dtype
