@@ -1003,7 +1003,6 @@ def sb_tail_table(args):
                      args.repeats, args.network_repeats))
 
 
-
 def sb_head_table(args):
     print_table(
         '\n## SB\'s bn1, ReLU and squeeze in training: the plain ops → one '
