@@ -1607,3 +1607,45 @@ def test_psi_offset_patch_loops_equal_the_pooling(dtype, feature_size, grid,
         ops.offset_patches(maps, ph + 1, pw, gh, gw)
     with pytest.raises(RuntimeError, match='maps must be a contiguous'):
         ops.offset_patches(maps.transpose(2, 3), ph, pw, gh, gw)
+
+
+def test_empty_batches_take_the_tensor_ops():
+    """An empty batch (or map) in inference gives empty outputs shaped like
+    ResNet-50's: the compiled loops, whose per-row arithmetic divides by
+    the rows and pixels, step aside (``size_generic_path``). Run in a
+    subprocess: before the fix the loops died of SIGFPE (exit 136) at
+    batch 0 and took the test runner with them."""
+    import subprocess
+    import sys
+    code = '''
+import torch
+from mmengine.registry import MODELS
+import mmctx  # noqa: F401
+from mmctx.models import GatherExcite, SpatialBias
+for cfg in [dict(type='mmdet.ResNet'),
+            dict(type='GEResNet', ge=dict(variant='parameter_free')),
+            dict(type='GEResNet', ge=dict(variant='depthwise')),
+            dict(type='GEResNet', ge=dict(variant='depthwise_excite')),
+            dict(type='SBResNet'), dict(type='PSIResNet')]:
+    if cfg['type'] in ('GEResNet', 'PSIResNet'):
+        cfg = dict(cfg, reference_input_size=64)
+    net = MODELS.build(dict(cfg, depth=50, base_channels=16))
+    net.init_weights()
+    net.eval()
+    for shape in [(0, 3, 64, 64), (0, 3, 80, 48)]:
+        with torch.no_grad():
+            outs = net(torch.randn(shape))
+        assert [tuple(o.shape[:2]) for o in outs] == [
+            (0, 64), (0, 128), (0, 256), (0, 512)], (cfg, outs)
+for module, x in [(GatherExcite(8, variant='depthwise_excite',
+                                extent='global', feature_size=4,
+                                reduction=2), torch.randn(0, 8, 6, 6)),
+                  (SpatialBias(8), torch.randn(0, 8, 6, 6))]:
+    with torch.no_grad():
+        assert module.eval()(x).shape[0] == 0
+print('ok')
+'''
+    result = subprocess.run([sys.executable, '-c', code],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip().endswith('ok')

@@ -256,7 +256,9 @@ def size_generic_path(x=None):
     be baked into the graph as a constant and the graph would only be right
     at the traced size), when ``x`` has symbolic sizes, and inside
     :func:`size_generic`; False inside ``size_generic(False)``. Eager code
-    may take exact fast paths otherwise.
+    may take exact fast paths otherwise, except on an empty ``x`` (no
+    images or no pixels): the tensor ops handle it, the compiled loops'
+    per-row arithmetic would divide by zero.
     """
     forced = _force_size_generic[0]
     if forced is not None:
@@ -266,8 +268,9 @@ def size_generic_path(x=None):
             or torch.compiler.is_compiling() \
             or torch.compiler.is_exporting():
         return True
-    return x is not None and any(
-        not isinstance(side, int) for side in x.shape[-2:])
+    return x is not None and (
+        any(not isinstance(side, int) for side in x.shape[-2:])
+        or x.numel() == 0)
 
 
 def _pool_windows(in_size, out_size, like):

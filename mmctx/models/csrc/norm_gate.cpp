@@ -394,9 +394,8 @@ std::vector<torch::Tensor> norm_scale_shift(torch::Tensor weight,
 // w) and the kernel's sums per channel (both from channel_dots or
 // pooled_dot), the per-row scale and shift of scale_shift_add_relu, gate *
 // (a, s). The context of bn3(z) is a dot + s sum(kernel); the gather norm
-// follows,
-// then the gate: the sigmoid of that (θ), or of the excite MLP on its ReLU
-// (1x1 convs (w1, b1), ReLU, (w2, b2): θ⁺). Norms are (weight, bias,
+// follows, then the gate: the sigmoid of that (θ), or of the excite MLP on
+// its ReLU (1x1 convs (w1, b1), ReLU, (w2, b2): θ⁺). Norms are (weight, bias,
 // running mean, running var), all tensors of dtype (the maps'); the algebra
 // in double except the MLP's products (in dtype, as the convs). One call
 // where the tensor ops make about fifteen small ones per block.
@@ -471,7 +470,8 @@ std::vector<torch::Tensor> global_gate_scale_shift(
       std::vector<scalar_t> inputs(batch * channels), mids(batch * hidden);
       for (int64_t i = 0; i < batch * channels; ++i)
         inputs[i] = scalar_t(context[i] > 0 ? context[i] : 0);
-      const int64_t work = batch * channels;
+      // (a batch of 0 leaves nothing to compute: no division by it)
+      const int64_t work = std::max<int64_t>(1, batch * channels);
       at::parallel_for(0, hidden, std::max<int64_t>(1, 4 * kSerial / work),
                        [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j)
@@ -486,7 +486,9 @@ std::vector<torch::Tensor> global_gate_scale_shift(
           }
       });
       at::parallel_for(0, channels,
-                       std::max<int64_t>(1, 4 * kSerial / (batch * hidden)),
+                       std::max<int64_t>(
+                           1, 4 * kSerial /
+                                  std::max<int64_t>(1, batch * hidden)),
                        [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c)
           for (int64_t n = 0; n < batch; ++n) {
