@@ -156,7 +156,7 @@ def test_cutting_the_sb_branch_cuts_the_cue(monkeypatch):
     def no_bias(self, maps, size):
         return maps.new_zeros(maps.shape[0], self.num_bias, *size)
 
-    def no_bias_inference(self, maps, size, scale, shift):
+    def no_bias_inference(self, maps, size, scale, shift, loops=None):
         # what inference_bias gives for zero bias maps: bn2 + ReLU of 0
         return no_bias(self, maps, size).add(
             shift.view(-1, 1, 1)).relu_()
@@ -246,7 +246,7 @@ def test_sb_learns_the_far_cue_and_not_without_its_branch(tmp_path,
     def no_bias(self, maps, size):
         return maps.new_zeros(maps.shape[0], self.num_bias, *size)
 
-    def no_bias_inference(self, maps, size, scale, shift):
+    def no_bias_inference(self, maps, size, scale, shift, loops=None):
         # what inference_bias gives for zero bias maps: bn2 + ReLU of 0
         return no_bias(self, maps, size).add(
             shift.view(-1, 1, 1)).relu_()
