@@ -388,6 +388,28 @@ std::vector<torch::Tensor> norm_scale_shift(torch::Tensor weight,
   return {scale, shift};
 }
 
+// A dense layer on a batch of rows: store(n, o, w[o] . in[n] + b[o]) for
+// each row n of inputs (batch, in) and output o of weight (out, in), output
+// rows in parallel.
+template <typename scalar_t, typename Store>
+void dense_rows(const scalar_t* weight, const scalar_t* bias,
+                const scalar_t* inputs, int64_t batch, int64_t in, int64_t out,
+                Store store) {
+  // (a batch of 0 leaves nothing to compute: no division by it)
+  const int64_t work = std::max<int64_t>(1, batch * in);
+  at::parallel_for(0, out, std::max<int64_t>(1, 4 * kSerial / work),
+                   [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t n = 0; n < batch; ++n) {
+        const scalar_t *row = weight + o * in, *x = inputs + n * in;
+        scalar_t sum = 0;
+        _Pragma("omp simd reduction(+ : sum)")
+        for (int64_t i = 0; i < in; ++i) sum += row[i] * x[i];
+        store(n, o, sum + bias[o]);
+      }
+  });
+}
+
 // GE-θ / θ⁺'s global gate in inference, folded with the block's eval
 // bn3 (z a + s per channel): from the dot products `dots` (B, C) of conv3's
 // output z (resampled to the kernel's size) with the gather kernel (C, h,
@@ -470,36 +492,14 @@ std::vector<torch::Tensor> global_gate_scale_shift(
       std::vector<scalar_t> inputs(batch * channels), mids(batch * hidden);
       for (int64_t i = 0; i < batch * channels; ++i)
         inputs[i] = scalar_t(context[i] > 0 ? context[i] : 0);
-      // (a batch of 0 leaves nothing to compute: no division by it)
-      const int64_t work = std::max<int64_t>(1, batch * channels);
-      at::parallel_for(0, hidden, std::max<int64_t>(1, 4 * kSerial / work),
-                       [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < j1; ++j)
-          for (int64_t n = 0; n < batch; ++n) {
-            const scalar_t *row = w1 + j * channels,
-                           *in = inputs.data() + n * channels;
-            scalar_t sum = 0;
-            _Pragma("omp simd reduction(+ : sum)")
-            for (int64_t c = 0; c < channels; ++c) sum += row[c] * in[c];
-            sum += b1[j];
-            mids[n * hidden + j] = sum > scalar_t(0) ? sum : scalar_t(0);
-          }
-      });
-      at::parallel_for(0, channels,
-                       std::max<int64_t>(
-                           1, 4 * kSerial /
-                                  std::max<int64_t>(1, batch * hidden)),
-                       [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t n = 0; n < batch; ++n) {
-            const scalar_t *row = w2 + c * hidden,
-                           *mid = mids.data() + n * hidden;
-            scalar_t sum = 0;
-            _Pragma("omp simd reduction(+ : sum)")
-            for (int64_t j = 0; j < hidden; ++j) sum += row[j] * mid[j];
-            context[n * channels + c] = double(sum + b2[c]);
-          }
-      });
+      dense_rows(w1, b1, inputs.data(), batch, channels, hidden,
+                 [&](int64_t n, int64_t j, scalar_t out) {
+                   mids[n * hidden + j] = out > scalar_t(0) ? out : scalar_t(0);
+                 });
+      dense_rows(w2, b2, mids.data(), batch, hidden, channels,
+                 [&](int64_t n, int64_t c, scalar_t out) {
+                   context[n * channels + c] = double(out);
+                 });
     }
     scalar_t *sp = scale_out.data_ptr<scalar_t>(),
              *hp = shift_out.data_ptr<scalar_t>();
