@@ -66,7 +66,7 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
-    """tools/analysis/fast_path_ab.py prints all eighteen tables, every stage,
+    """tools/analysis/fast_path_ab.py prints all nineteen tables, every stage,
     setting and gated model, with positive times and ratios."""
     stdout = run([
         sys.executable, repo_root / 'tools' / 'analysis' /
@@ -81,7 +81,7 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
     (pools, reductions, networks, pixel_gates, blocks, norm_gates,
      norm_gate_networks, few_maps, fused_squeezes, pooled_dots,
      offset_dots, inference, sb_tail, sb_head, kernel_grads,
-     tail_writes, eval_affines, gate_loops) = tables
+     tail_writes, eval_affines, gate_loops, sb_branch) = tables
 
     def numbers(cell):
         return [float(v) for v in cell.replace('/', '→').split('→')]
@@ -181,7 +181,13 @@ def test_fast_path_ab_tool_tiny_run(run, repo_root):
         ('block, stage 3', '1x1024x4x6'), ('block, stage 4', '1x2048x2x3'),
         ('SB-R50 train step', '2x3x32x32'),
         ('SB-R50 train step', '1x3x64x96')]
-    for r in sb_head:  # plain → fused (ratio), forward + backward
+    assert [(r[0].strip(), r[1].strip()) for r in sb_branch] == [
+        (f'branch, stage {stage % 3 + 1}', shape) for stage, shape in
+        enumerate(['2x5x8x8', '2x5x4x4', '2x5x2x2', '1x5x16x24',
+                   '1x5x8x12', '1x5x4x6'])] + [
+        (r[0].strip(), r[1].strip()) for r in sb_head
+        if not r[0].endswith('stage 4 ')]  # (no branch in stage 4)
+    for r in sb_head + sb_branch:  # plain → fused (ratio), fwd + bwd
         before, after = r[2].split('(')
         assert all(v > 0 for v in numbers(before)), r
         assert float(after.strip(' )')) > 0, r

@@ -1130,10 +1130,129 @@ def test_norm_relu_squeeze_applies_only_where_it_computes_the_same():
     assert norm_squeeze.applies(norm, relu, squeeze, x)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('shape,size', [
+    ((2, 5, 13, 17), (13, 17)),  # odd sizes: overlapping pooling windows
+    ((3, 5, 28, 28), (14, 14)),  # a strided conv2
+    ((1, 5, 4, 5), (2, 3)),  # smaller than the 10x10 grid
+    ((1, 7, 40, 33), (40, 33))])  # five bias maps
+@pytest.mark.parametrize('norm_mode', ['batch', 'cumulative', 'eval'])
+def test_bias_maps_equal_the_plain_ops(dtype, shape, size, norm_mode):
+    """SB's branch after the squeeze with bn2 and the ReLU on its maps in
+    training as one function (bias_maps): the output, the gradients of the
+    squeezed maps and of the branch norm's, the Conv1d's and bn2's weights
+    and biases, the running statistics and batch counts equal the plain
+    ops' (``spatial_bias_of_squeezed``, then bn2 on its slice of
+    channels), with training norms (momentum, cumulative) or eval ones;
+    first and second derivatives pass gradcheck."""
+    import copy
+
+    from torch.autograd import gradcheck, gradgradcheck
+
+    from mmctx.models import bias_maps
+    from mmctx.models.norm_gate import kernels, step_statistics
+    torch.manual_seed(0)
+    planes, k = 8, shape[1] - 2
+    branch = SpatialBias(planes, num_bias=k)
+    bn2 = torch.nn.BatchNorm2d(planes + k)
+    for norm in (branch.norm, bn2):
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias, 0, 0.5)
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2)
+        norm.num_batches_tracked += 3
+        norm.momentum = None if norm_mode == 'cumulative' else 0.1
+    torch.nn.init.normal_(branch.mix.weight, 0, 0.1)
+    branch.train(norm_mode != 'eval')
+    bn2.train(norm_mode != 'eval')
+    branch, bn2 = branch.to(dtype), bn2.to(dtype)
+    maps = torch.randn(shape, dtype=dtype)
+    part = slice(planes, None)
+    assert bias_maps.applies(branch, bn2, maps, size)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype is torch.float64 else \
+        dict(rtol=1e-4, atol=1e-4)
+    results = []
+    for fused in (True, False):
+        br, bn = copy.deepcopy(branch), copy.deepcopy(bn2)
+        mi = maps.clone().requires_grad_()
+        if fused:
+            out = bias_maps.bias_maps(br, mi, size, bn, part)
+        else:  # as SBBottleneck.forward_train's plain ops
+            mean, var, factor = step_statistics(bn)
+            out = F.relu(F.batch_norm(
+                br.spatial_bias_of_squeezed(mi, size), mean[part],
+                var[part], bn.weight[part], bn.bias[part], bn.training,
+                factor, bn.eps))
+        (out * torch.linspace(-1, 2, out.numel(), dtype=dtype).view_as(
+            out)).sum().backward()
+        results.append([out, mi.grad, br.norm.weight.grad,
+                        br.norm.bias.grad, br.mix.weight.grad,
+                        br.mix.bias.grad, bn.weight.grad, bn.bias.grad,
+                        br.norm.running_mean, br.norm.running_var,
+                        br.norm.num_batches_tracked, bn.running_mean,
+                        bn.running_var, bn.num_batches_tracked])
+    for f, r in zip(*results):
+        torch.testing.assert_close(f, r, **tol)
+
+    if dtype is torch.float32 or shape[-1] > 20:
+        return
+    # first and second derivatives of every input, on a 3x3 grid (fewer
+    # Conv1d weights to differentiate numerically)
+    ops, small = kernels(), SpatialBias(planes, num_bias=k, pool_size=3)
+    stats = [(norm.running_mean[sl].clone(), norm.running_var[sl].clone(),
+              0., norm.eps, False) if norm_mode == 'eval' else
+             (None, None, 0.1, norm.eps, True)
+             for norm, sl in ((branch.norm, slice(None)), (bn2, part))]
+
+    def function(maps, *params):
+        return bias_maps._BiasMaps.apply(maps, *params, *stats, 3, size,
+                                         ops)
+
+    inputs = [maps, branch.norm.weight, branch.norm.bias,
+              small.mix.weight.to(dtype), small.mix.bias.to(dtype),
+              bn2.weight[part], bn2.bias[part]]
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    assert gradcheck(function, inputs)
+    assert gradgradcheck(function, inputs)
+
+
+def test_bias_maps_apply_only_where_they_compute_the_same():
+    """bias_maps.applies: max pooling, add fusion, a SyncBN, norms without
+    affine parameters, a hooked norm, pooling or Conv1d, a channels_last
+    map, a single value per channel in training and autocast take the
+    plain ops."""
+    from mmctx.models import bias_maps
+    branch = SpatialBias(8).train()
+    bn2 = torch.nn.BatchNorm2d(11).train()
+    maps, size = torch.randn(2, 5, 6, 6), (6, 6)
+    assert bias_maps.applies(branch, bn2, maps, size)
+    assert not bias_maps.applies(SpatialBias(8, pool_type='max'), bn2, maps,
+                                 size)
+    assert not bias_maps.applies(SpatialBias(8, fusion='add'), bn2, maps,
+                                 size)
+    assert not bias_maps.applies(branch, torch.nn.SyncBatchNorm(11), maps,
+                                 size)
+    assert not bias_maps.applies(
+        branch, torch.nn.BatchNorm2d(11, affine=False), maps, size)
+    assert not bias_maps.applies(
+        branch, bn2, maps.to(memory_format=torch.channels_last), size)
+    assert not bias_maps.applies(branch, bn2, maps[:1], (1, 1))
+    assert not bias_maps.applies(branch, bn2, maps[:1, :, :1, :1], size)
+    assert not bias_maps.applies(branch, bn2, maps.double(), size)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not bias_maps.applies(branch, bn2, maps, size)
+    for module in (branch.norm, branch.pool, branch.mix):
+        handle = module.register_forward_hook(lambda m, i, o: None)
+        assert not bias_maps.applies(branch, bn2, maps, size)
+        handle.remove()
+    assert bias_maps.applies(branch, bn2, maps, size)
+
+
 @pytest.mark.parametrize('norm_eval', [False, True])
 def test_sb_resnet_training_skips_the_concatenation_exactly(norm_eval):
     """SB-ResNet training (SBBottleneck.forward_train): bn2 on conv2's map
-    and on the bias maps apart, conv3 at ResNet's width and bn3 of it plus
+    and on the bias maps apart (the branch with bn2 on its maps as one
+    function), conv3 at ResNet's width and bn3 of it plus
     the bias maps' rank-k term with the add and the ReLU as one function
     give the upstream forward's outputs, the gradients of the input and of
     every parameter, and the running statistics (momentum and cumulative)
@@ -1145,7 +1264,7 @@ def test_sb_resnet_training_skips_the_concatenation_exactly(norm_eval):
 
     from torch.autograd import gradgradcheck
 
-    from mmctx.models import SBResNet, norm_rank, norm_squeeze
+    from mmctx.models import SBResNet, bias_maps, norm_rank, norm_squeeze
     from mmctx.models.backbones.sb_resnet import SBBottleneck
     torch.manual_seed(0)
     fast = SBResNet(depth=50, stage_with_sb=(True, True), base_channels=16,
@@ -1156,9 +1275,14 @@ def test_sb_resnet_training_skips_the_concatenation_exactly(norm_eval):
     fast.layer1[0].norm2.momentum = fast.layer2[1].norm3.momentum = None
     fast.double().train()
     plain = copy.deepcopy(fast)
-    trained, fused, heads = [], [], []
+    trained, fused, heads, branches = [], [], [], []
     real_train, real_tail, real_head = SBBottleneck.forward_train, \
         norm_rank.rank_norm_add_relu, norm_squeeze.norm_relu_squeeze
+    real_branch = bias_maps.bias_maps
+
+    def counted_branch(*args):
+        branches.append(args)
+        return real_branch(*args)
 
     def counted(block, x):
         trained.append(block)
@@ -1176,14 +1300,17 @@ def test_sb_resnet_training_skips_the_concatenation_exactly(norm_eval):
         patch.setattr(SBBottleneck, 'forward_train', counted)
         patch.setattr(norm_rank, 'rank_norm_add_relu', counted_tail)
         patch.setattr(norm_squeeze, 'norm_relu_squeeze', counted_head)
+        patch.setattr(bias_maps, 'bias_maps', counted_branch)
         for shape in [(2, 3, 64, 48), (1, 3, 40, 72)]:
             x = torch.randn(shape, dtype=torch.float64)
-            trained.clear()
-            fused.clear()
-            heads.clear()
+            for calls in (trained, fused, heads, branches):
+                calls.clear()
             outs, grads = backbone_grads(fast, x)
-            # every SB block, bn1 + ReLU + squeeze and the tail fused
+            # every SB block, bn1 + ReLU + squeeze, the tail and (without
+            # norm_eval, where the branch norm's statistics hook updates
+            # its running statistics) the branch fused
             assert len(trained) == len(fused) == len(heads) == 7
+            assert len(branches) == (0 if norm_eval else 7)
             with pytest.MonkeyPatch.context() as upstream:
                 upstream.setattr(SBBottleneck, '_training_applies',
                                  lambda block, x: False)

@@ -72,7 +72,12 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
 - GE-θ / θ⁺'s gate folded with bn3 in inference as one C++ call
   (``GatherExcite._folded_gate_loops``) vs the tensor ops, whole networks
   at ``--block-shape`` batch ``--batch`` and ``--shape`` batch 1
-  (``--network-repeats`` pairs).
+  (``--network-repeats`` pairs);
+- SB's branch after its squeeze, with bn2 and the ReLU on its maps, in
+  training as one function over C++ loops (``mmctx.models.bias_maps``) vs
+  the plain ops, alone on the squeezed maps of the second block of stages
+  1-3 and on that block (forward + backward), and the whole SB-ResNet-50
+  training step.
 
     python tools/analysis/fast_path_ab.py
     python tools/analysis/fast_path_ab.py --tables norm-gate
@@ -84,6 +89,7 @@ one process, alternating the two (``mmctx.benchmark.time_two_paths``):
     python tools/analysis/fast_path_ab.py --tables sb-head kernel-grad
     python tools/analysis/fast_path_ab.py --tables tail-write eval-affine
     python tools/analysis/fast_path_ab.py --tables gate-loops
+    python tools/analysis/fast_path_ab.py --tables sb-branch
 """
 import argparse
 import math
@@ -103,7 +109,7 @@ from mmctx.benchmark import (BACKBONES, TrainingStep,  # noqa: E402
                              time_two_paths)
 from mmctx.models.backbones.gated_bottleneck import (  # noqa: E402
     GatedBottleneck)
-from mmctx.models import (gather_excite, gating,  # noqa: E402
+from mmctx.models import (bias_maps, gather_excite, gating,  # noqa: E402
                           norm_gate, norm_pixel_gate, norm_squeeze,
                           patch_spatial_interaction)
 from mmctx.models.gating import (_channel_dots, _dot_hw,  # noqa: E402
@@ -122,7 +128,7 @@ NETWORKS = ['GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50', 'PSI-R50']
 TABLES = ['pooling', 'reduction', 'network', 'pixel-gate', 'block',
           'norm-gate', 'few-maps', 'offset-dot', 'inference', 'sb-tail',
           'sb-head', 'kernel-grad', 'tail-write', 'eval-affine',
-          'gate-loops']
+          'gate-loops', 'sb-branch']
 
 
 def parse_args():
@@ -763,20 +769,21 @@ def sb_tail_rows(shape, block_shape, batch, repeats, network_repeats):
         use(True)
 
 
-def sb_head_rows(shape, block_shape, batch, repeats, network_repeats):
-    """SB's bn1, ReLU and squeeze in training as one function
-    (:mod:`mmctx.models.norm_squeeze`) / the plain ops: the second block of
-    each stage (forward + backward) and the whole training step."""
-    applies = norm_squeeze.applies
+def sb_switch_rows(module, stages, shape, block_shape, batch, repeats,
+                   network_repeats):
+    """An SB training path whose ``module.applies`` decides it / the plain
+    ops: the second block of each of ``stages`` (forward + backward) and
+    the whole training step."""
+    applies = module.applies
 
     def use(fast):
-        norm_squeeze.applies = applies if fast else (lambda *args: False)
+        module.applies = applies if fast else (lambda *args: False)
 
     net = MODELS.build(BACKBONES['SB-R50'])
     net.init_weights()
     try:
         for batch_, size_ in ((batch, block_shape), (1, shape)):
-            for stage in (1, 2, 3, 4):
+            for stage in stages:
                 block = getattr(net, f'layer{stage}')[1]
                 scale = 2**(stage + 1)
                 x = torch.randn(batch_, 128 * 2**stage, size_[0] // scale,
@@ -795,6 +802,46 @@ def sb_head_rows(shape, block_shape, batch, repeats, network_repeats):
                                 network_repeats)
     finally:
         use(True)
+
+
+def sb_head_rows(shape, block_shape, batch, repeats, network_repeats):
+    """SB's bn1, ReLU and squeeze in training as one function
+    (:mod:`mmctx.models.norm_squeeze`) / the plain ops."""
+    yield from sb_switch_rows(norm_squeeze, (1, 2, 3, 4), shape, block_shape,
+                              batch, repeats, network_repeats)
+
+
+def sb_branch_rows(shape, block_shape, batch, repeats, network_repeats):
+    """SB's branch after the squeeze with bn2 and the ReLU on its maps in
+    training as one function (:mod:`mmctx.models.bias_maps`) / the plain
+    ops: alone on the second block's squeezed maps of stages 1-3 (stage 4
+    has no branch; forward + backward), then as :func:`sb_switch_rows`."""
+    for batch_, size_ in ((batch, block_shape), (1, shape)):
+        for stage in (1, 2, 3):
+            planes, scale = 32 * 2**stage, 2**(stage + 1)
+            branch = SpatialBias(planes).train()
+            bn2 = torch.nn.BatchNorm2d(planes + 3).train()
+            maps = torch.randn(batch_, 5, size_[0] // scale,
+                               size_[1] // scale, requires_grad=True)
+            part, size2 = slice(planes, None), maps.shape[-2:]
+
+            def fused():
+                bias_maps.bias_maps(branch, maps, size2, bn2,
+                                    part).sum().backward()
+
+            def plain():
+                F.relu(F.batch_norm(
+                    branch.spatial_bias_of_squeezed(maps, size2),
+                    bn2.running_mean[part], bn2.running_var[part],
+                    bn2.weight[part], bn2.bias[part], True, 0.1,
+                    bn2.eps)).sum().backward()
+
+            ratio, fast, slow = time_two_paths(fused, plain, repeats)
+            yield (f'| branch, stage {stage} | '
+                   f'{"x".join(map(str, maps.shape))} | {slow:.3f} → '
+                   f'{fast:.3f} ({ratio:.3f}) |')
+    yield from sb_switch_rows(bias_maps, (1, 2, 3), shape, block_shape,
+                              batch, repeats, network_repeats)
 
 
 def sb_step_rows(net, use, settings, network_repeats, last_cells=''):
@@ -1011,6 +1058,16 @@ def sb_head_table(args):
         '| module | input | train: forward + backward |\n|---|---|---:|',
         sb_head_rows(size(args.shape), size(args.block_shape), args.batch,
                      args.repeats, args.network_repeats))
+
+
+def sb_branch_table(args):
+    print_table(
+        '\n## SB\'s branch after the squeeze, with bn2 and the ReLU on its '
+        'maps, in training: the plain ops → one function over C++ loops '
+        '(`bias_maps`), forward + backward, ms (median ratio)\n',
+        '| module | input | train: forward + backward |\n|---|---|---:|',
+        sb_branch_rows(size(args.shape), size(args.block_shape), args.batch,
+                       args.repeats, args.network_repeats))
 
 
 def kernel_grad_table(args):

@@ -8,7 +8,7 @@ from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import norm_rank, norm_squeeze
+from .. import bias_maps, norm_rank, norm_squeeze
 from ..spatial_bias import SpatialBias
 from ..norm_gate import kernels, step_statistics
 from ..utils import (PointwiseConv2d, build_pointwise_conv, check_choice,
@@ -41,7 +41,9 @@ class SBBottleneck(Bottleneck):
     the term out: one pass in inference (:meth:`forward_inference`), where
     the upstream block makes three; in training (:meth:`forward_train`,
     :mod:`mmctx.models.norm_rank`) two passes each way, with bn2 applied
-    to conv2's map and the bias maps apart. Both equal the upstream forward
+    to conv2's map and the bias maps apart (the branch after its squeeze
+    with bn2 and the ReLU on its maps as one function over two C++ calls,
+    :mod:`mmctx.models.bias_maps`). Both equal the upstream forward
     up to float rounding, outputs, gradients and running statistics
     (``tests/test_fast_paths.py``); other devices, autocast, SyncBN in
     training, activation checkpointing, plugins and hooks on the bypassed
@@ -176,7 +178,9 @@ class SBBottleneck(Bottleneck):
         """The upstream forward in training, without the concatenation:
         bn1, its ReLU and the branch's squeeze as one function
         (:mod:`mmctx.models.norm_squeeze`), bn2 on conv2's map and on the
-        bias maps separately (its statistics are per channel), conv3 on
+        bias maps separately (its statistics are per channel; the branch
+        after the squeeze with bn2 and the ReLU on its maps as one function,
+        :mod:`mmctx.models.bias_maps`), conv3 on
         conv2's channels, then bn3 of that plus the bias maps' rank-k term,
         the residual add and the ReLU as one function
         (:mod:`mmctx.models.norm_rank`); call where
@@ -191,20 +195,29 @@ class SBBottleneck(Bottleneck):
             out = self.relu(self.norm1(out))
             squeezed = branch.squeeze(out)
         main = self.conv2.forward(out)  # the forward without the join hook
-        bias = branch.spatial_bias_of_squeezed(squeezed, main.shape[-2:])
+        size = main.shape[-2:]
         norm2, planes = self.norm2, self.planes
         for layer in (norm2, self.conv3):
             compose(layer)
-        running_mean, running_var, factor = step_statistics(norm2)
-        parts = []
-        for maps, part in ((main, slice(None, planes)),
-                           (bias, slice(planes, None))):
+        running = step_statistics(norm2)
+        running_mean, running_var, factor = running
+
+        def norm2_relu(maps, part):  # bn2 and the ReLU on some channels
             stats = (None, None) if running_mean is None else (
                 running_mean[part], running_var[part])
-            parts.append(self.relu(F.batch_norm(
+            return self.relu(F.batch_norm(
                 maps, *stats, norm2.weight[part], norm2.bias[part],
-                norm2.training, factor, norm2.eps)))
-        main, bias = parts
+                norm2.training, factor, norm2.eps))
+
+        main = norm2_relu(main, slice(None, planes))
+        if bias_maps.applies(branch, norm2, squeezed, size):
+            # the branch with bn2 and the ReLU on its maps as one function
+            bias = bias_maps.bias_maps(branch, squeezed, size, norm2,
+                                       slice(planes, None), running)
+        else:
+            bias = norm2_relu(
+                branch.spatial_bias_of_squeezed(squeezed, size),
+                slice(planes, None))
         out = pointwise_conv(self.conv3.weight[:, :planes], main)
         identity = x if self.downsample is None else self.downsample(x)
         rank_weight = self.conv3.weight[:, planes:].flatten(1)

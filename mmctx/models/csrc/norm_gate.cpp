@@ -1565,14 +1565,14 @@ static std::vector<Lerp<T>> bilinear_lerps(int64_t in, int64_t out) {
   return lerps;
 }
 
-// relu(upsample(maps) * scale[c] + shift[c]): Spatial Bias's (B, k, r, r)
-// bias maps resized bilinearly to (height, width) and passed through
-// the block's eval bn2 (its bias channels) and ReLU in one write. Rows of
-// the output planes are split among threads; each task first resamples
-// its plane's r rows along W.
-torch::Tensor upsample_scale_shift_relu(torch::Tensor maps, int64_t height,
-                                        int64_t width, torch::Tensor scale,
-                                        torch::Tensor shift) {
+// relu(upsample(maps) * scale[c] + shift[c]) (the ReLU if `relu`): Spatial
+// Bias's (B, k, r, r) bias maps resized bilinearly to (height, width) and
+// passed through the block's eval bn2 (its bias channels) and ReLU in one
+// write. Rows of the output planes are split among threads; each task
+// first resamples its plane's r rows along W.
+static torch::Tensor upsample_scale_shift(torch::Tensor maps, int64_t height,
+                                          int64_t width, torch::Tensor scale,
+                                          torch::Tensor shift, bool relu) {
   TORCH_CHECK(maps.dim() == 4 && maps.device().is_cpu() &&
                   maps.is_contiguous(),
               "maps must be a contiguous CPU (B, k, h, w) tensor");
@@ -1620,12 +1620,380 @@ torch::Tensor upsample_scale_shift_relu(torch::Tensor maps, int64_t height,
         _Pragma("omp simd")
         for (int64_t x = 0; x < width; ++x) {
           const scalar_t v = (w0 * r0[x] + w1 * r1[x]) * a + s;
-          orow[x] = v > scalar_t(0) ? v : scalar_t(0);
+          orow[x] = !relu || v > scalar_t(0) ? v : scalar_t(0);
         }
       }
     });
   });
   return out;
+}
+
+torch::Tensor upsample_scale_shift_relu(torch::Tensor maps, int64_t height,
+                                        int64_t width, torch::Tensor scale,
+                                        torch::Tensor shift) {
+  return upsample_scale_shift(maps, height, width, scale, shift, true);
+}
+
+// Spatial Bias's branch in training, after its squeeze conv (see
+// mmctx/models/bias_maps.py): a BatchNorm (`norm`) and ReLU of the
+// squeezed maps (B, k + 2, H, W), adaptive average pooling to (r, r), the
+// kernel-3 Conv1d along the maps (one GEMM over its windows), bilinear
+// resampling to (height, width), then the block's bn2 on those k channels
+// (`bn`) and its ReLU. A norm with batch statistics (`*_batch`) updates
+// its running ones in place (if given) with `*_factor`, as BatchNorm's
+// forward; otherwise it applies them. Per-channel statistics in double.
+struct ChannelAffine {
+  // per channel: mean, 1 / sqrt(var + eps), and the norm as z * a + s
+  std::vector<double> mean, invstd, scale, shift;
+};
+
+static ChannelAffine channel_affine(const torch::Tensor& z,
+                                    const torch::Tensor& weight,
+                                    const torch::Tensor& bias,
+                                    const c10::optional<torch::Tensor>& mean,
+                                    const c10::optional<torch::Tensor>& var,
+                                    bool batch_stats, double factor,
+                                    double eps) {
+  const int64_t batch = z.size(0), channels = z.size(1),
+                count = z.numel() / channels;
+  TORCH_CHECK(weight.numel() == channels && bias.numel() == channels,
+              "a norm's weight and bias must have one value per channel");
+  TORCH_CHECK(bool(mean) == bool(var) &&
+                  (!mean || (mean->numel() == channels &&
+                             var->numel() == channels &&
+                             mean->is_contiguous() && var->is_contiguous())),
+              "running statistics must be both or none, one per channel");
+  TORCH_CHECK(batch_stats ? count > 1 : bool(mean),
+              "batch statistics need more than one value per channel, "
+              "fixed ones the running statistics");
+  ChannelAffine n;
+  n.mean.resize(channels);
+  n.invstd.resize(channels);
+  std::vector<double> var_of(channels);
+  if (batch_stats) {
+    const auto moments = row_moments(z, c10::nullopt);
+    const double *s1 = moments[0].data_ptr<double>(),
+                 *s2 = moments[1].data_ptr<double>();
+    for (int64_t c = 0; c < channels; ++c) {
+      double a = 0, b = 0;
+      for (int64_t i = 0; i < batch; ++i) {
+        a += s1[i * channels + c];
+        b += s2[i * channels + c];
+      }
+      n.mean[c] = a / count;
+      var_of[c] = std::max(0.0, b / count - n.mean[c] * n.mean[c]);
+    }
+    if (mean) {
+      // BatchNorm's update (unbiased variance), in place through the data
+      // as BatchNorm's kernel does: no version bump, which would fail the
+      // backward of a batch_norm that saved another slice of these buffers
+      TORCH_CHECK(var->scalar_type() == mean->scalar_type(),
+                  "running statistics must have one dtype");
+      AT_DISPATCH_FLOATING_TYPES(mean->scalar_type(), "running_update", [&] {
+        scalar_t *mp = mean->data_ptr<scalar_t>(),
+                 *vp = var->data_ptr<scalar_t>();
+        for (int64_t c = 0; c < channels; ++c) {
+          mp[c] += factor * (n.mean[c] - double(mp[c]));
+          vp[c] += factor * (var_of[c] * count / (count - 1) - double(vp[c]));
+        }
+      });
+    }
+  } else {
+    auto m = mean->to(torch::kFloat64), v = var->to(torch::kFloat64);
+    std::copy_n(m.data_ptr<double>(), channels, n.mean.begin());
+    std::copy_n(v.data_ptr<double>(), channels, var_of.begin());
+  }
+  auto w = weight.to(torch::kFloat64).contiguous(),
+       b = bias.to(torch::kFloat64).contiguous();
+  const double *wp = w.data_ptr<double>(), *bp = b.data_ptr<double>();
+  n.scale.resize(channels);
+  n.shift.resize(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    n.invstd[c] = 1 / std::sqrt(var_of[c] + eps);
+    n.scale[c] = wp[c] * n.invstd[c];
+    n.shift[c] = bp[c] - n.mean[c] * n.scale[c];
+  }
+  return n;
+}
+
+// (4, C) float64: mean, invstd, scale, shift, the state the backward needs.
+static torch::Tensor affine_state(const ChannelAffine& n) {
+  const int64_t channels = n.mean.size();
+  auto state = torch::empty({4, channels},
+                            torch::TensorOptions().dtype(torch::kFloat64));
+  double* sp = state.data_ptr<double>();
+  for (const auto* row : {&n.mean, &n.invstd, &n.scale, &n.shift}) {
+    std::copy(row->begin(), row->end(), sp);
+    sp += channels;
+  }
+  return state;
+}
+
+static torch::Tensor as_tensor(const std::vector<double>& values) {
+  return torch::tensor(values, torch::TensorOptions().dtype(torch::kFloat64));
+}
+
+// Returns the output (B, k, height, width), then what the backward needs:
+// the resampled maps before bn2, the Conv1d's windows, the two norms'
+// states (affine_state).
+std::vector<torch::Tensor> bias_maps_train(
+    torch::Tensor maps, torch::Tensor norm_weight, torch::Tensor norm_bias,
+    c10::optional<torch::Tensor> norm_mean,
+    c10::optional<torch::Tensor> norm_var, bool norm_batch,
+    double norm_factor, double norm_eps, torch::Tensor mix_weight,
+    torch::Tensor mix_bias, int64_t r, int64_t height, int64_t width,
+    torch::Tensor bn_weight, torch::Tensor bn_bias,
+    c10::optional<torch::Tensor> bn_mean,
+    c10::optional<torch::Tensor> bn_var, bool bn_batch, double bn_factor,
+    double bn_eps) {
+  TORCH_CHECK(maps.dim() == 4 && maps.device().is_cpu() &&
+                  maps.is_contiguous() && maps.size(1) >= 3,
+              "maps must be a contiguous CPU (B, C, H, W) tensor, C >= 3");
+  const int64_t batch = maps.size(0), k = maps.size(1) - 2;
+  TORCH_CHECK(mix_weight.numel() == r * r * r * r * 3 &&
+                  mix_bias.numel() == r * r,
+              "mix must be a (r * r, r * r, 3) Conv1d with bias");
+  const auto norm = channel_affine(maps, norm_weight, norm_bias, norm_mean,
+                                   norm_var, norm_batch, norm_factor,
+                                   norm_eps);
+  auto windows = scale_shift_relu_pool_windows(
+      maps, as_tensor(norm.scale), as_tensor(norm.shift), r, false);
+  auto bias = at::addmm(values_like(mix_bias, maps),
+                        windows.view({batch * k, 3 * r * r}),
+                        values_like(mix_weight, maps)
+                            .view({r * r, 3 * r * r}).t());
+  auto ones = torch::ones({k}, torch::TensorOptions().dtype(torch::kFloat64));
+  auto u = upsample_scale_shift(bias.view({batch, k, r, r}), height, width,
+                                ones, torch::zeros_like(ones), false);
+  const auto bn = channel_affine(u, bn_weight, bn_bias, bn_mean, bn_var,
+                                 bn_batch, bn_factor, bn_eps);
+  auto out = torch::empty_like(u);
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "bias_maps_train", [&] {
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t n = height * width;
+    at::parallel_for(0, batch * k, std::max<int64_t>(1, kSerial / n),
+                     [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const scalar_t a = bn.scale[p % k], s = bn.shift[p % k];
+        const scalar_t* ur = up + p * n;
+        scalar_t* orow = op + p * n;
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t v = ur[i] * a + s;
+          orow[i] = v > scalar_t(0) ? v : scalar_t(0);
+        }
+      }
+    });
+  });
+  return {out, u, windows, affine_state(norm), affine_state(bn)};
+}
+
+// BatchNorm's backward as z's gradient = alpha g + beta z + gamma per
+// channel, from the masked gradient's sums (of g and of g z) over a
+// channel's `count` values; with fixed statistics an affine map.
+struct NormGrad {
+  std::vector<double> alpha, beta, gamma, grad_weight, grad_bias;
+};
+
+static NormGrad norm_grad(const torch::Tensor& state,
+                          const std::vector<double>& sums,
+                          const std::vector<double>& dots, int64_t count,
+                          bool batch_stats) {
+  const int64_t channels = state.size(1);
+  const double *mean = state.data_ptr<double>(), *invstd = mean + channels,
+               *scale = invstd + channels;
+  NormGrad g;
+  for (auto* v : {&g.alpha, &g.beta, &g.gamma, &g.grad_weight,
+                  &g.grad_bias})
+    v->assign(channels, 0);
+  for (int64_t c = 0; c < channels; ++c) {
+    const double centred = dots[c] - mean[c] * sums[c];
+    g.grad_weight[c] = centred * invstd[c];
+    g.grad_bias[c] = sums[c];
+    g.alpha[c] = scale[c];
+    if (batch_stats) {
+      g.beta[c] = -scale[c] * invstd[c] * invstd[c] * centred / count;
+      g.gamma[c] = -g.beta[c] * mean[c] - scale[c] * sums[c] / count;
+    }
+  }
+  return g;
+}
+
+// The gradients of bias_maps_train's inputs from its output's `grad`:
+// (maps, norm weight, norm bias, mix weight (r * r, 3 r * r), mix bias,
+// bn weight, bn bias). Four reads of small maps: bn2's sums over the
+// output's ReLU mask, then the resampling's adjoint of u's gradient
+// (per plane, rows first); the Conv1d's as GEMMs; then the squeezed maps'
+// ReLU mask with the pooling's adjoint, twice (the norm's sums, then the
+// maps' gradient).
+std::vector<torch::Tensor> bias_maps_train_backward(
+    torch::Tensor grad, torch::Tensor out, torch::Tensor u,
+    torch::Tensor windows, torch::Tensor maps, torch::Tensor norm_state,
+    bool norm_batch, torch::Tensor mix_weight, torch::Tensor bn_state,
+    bool bn_batch, int64_t r) {
+  check_map(out, u, "out");
+  check_map(grad, u, "grad");
+  TORCH_CHECK(maps.dim() == 4 && maps.is_contiguous() &&
+                  maps.scalar_type() == u.scalar_type() &&
+                  maps.size(1) == u.size(1) + 2,
+              "maps must be the contiguous (B, k + 2, H, W) input");
+  const int64_t batch = u.size(0), k = u.size(1), height = u.size(2),
+                width = u.size(3), channels = maps.size(1),
+                mh = maps.size(2), mw = maps.size(3), n = height * width;
+  auto grad_bias_maps = torch::empty({batch * k, r * r}, u.options());
+  std::vector<double> sums(k), dots(k), pooled(batch * channels * r * r);
+  auto grad_maps = torch::empty_like(maps);
+  std::vector<double> norm_sums(channels), norm_dots(channels);
+  NormGrad bn, norm;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "bias_maps_backward", [&] {
+    const scalar_t *gp = grad.data_ptr<scalar_t>(),
+                   *op = out.data_ptr<scalar_t>(),
+                   *up = u.data_ptr<scalar_t>();
+    // bn2: the masked gradient's sums per plane, then per channel
+    std::vector<double> plane_sums(batch * k), plane_dots(batch * k);
+    at::parallel_for(0, batch * k, std::max<int64_t>(1, kSerial / n),
+                     [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        double a = 0, b = 0;
+        for (int64_t i = p * n; i < (p + 1) * n; ++i) {
+          const double g = op[i] > scalar_t(0) ? double(gp[i]) : 0.0;
+          a += g;
+          b += g * up[i];
+        }
+        plane_sums[p] = a;
+        plane_dots[p] = b;
+      }
+    });
+    for (int64_t p = 0; p < batch * k; ++p) {
+      sums[p % k] += plane_sums[p];
+      dots[p % k] += plane_dots[p];
+    }
+    bn = norm_grad(bn_state, sums, dots, batch * n, bn_batch);
+    // u's gradient through the resampling's adjoint, per plane
+    const auto ys = bilinear_lerps<scalar_t>(r, height),
+               xs = bilinear_lerps<scalar_t>(r, width);
+    scalar_t* gv = grad_bias_maps.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * k, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<double> across(r * width), row(width), plane(r * r);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % k;
+        const double alpha = bn.alpha[c], beta = bn.beta[c],
+                     gamma = bn.gamma[c];
+        std::fill(across.begin(), across.end(), 0.0);
+        for (int64_t y = 0; y < height; ++y) {
+          const int64_t i = p * n + y * width;
+          for (int64_t x = 0; x < width; ++x) {
+            const double g = op[i + x] > scalar_t(0) ? double(gp[i + x]) : 0.0;
+            row[x] = alpha * g + beta * up[i + x] + gamma;
+          }
+          double *a0 = across.data() + ys[y].i0 * width,
+                 *a1 = across.data() + ys[y].i1 * width;
+          const double w0 = ys[y].w0, w1 = ys[y].w1;
+          for (int64_t x = 0; x < width; ++x) {
+            a0[x] += w0 * row[x];
+            a1[x] += w1 * row[x];
+          }
+        }
+        std::fill(plane.begin(), plane.end(), 0.0);
+        for (int64_t i = 0; i < r; ++i)
+          for (int64_t x = 0; x < width; ++x) {
+            const double v = across[i * width + x];
+            plane[i * r + xs[x].i0] += xs[x].w0 * v;
+            plane[i * r + xs[x].i1] += xs[x].w1 * v;
+          }
+        for (int64_t j = 0; j < r * r; ++j) gv[p * r * r + j] = plane[j];
+      }
+    });
+  });
+  // the Conv1d: one GEMM each for its weight's and its windows' gradients
+  auto windows2d = windows.view({batch * k, 3 * r * r});
+  auto grad_mix_weight = grad_bias_maps.t().mm(windows2d);
+  auto grad_mix_bias = grad_bias_maps.sum(0);
+  auto grad_windows = grad_bias_maps.mm(
+      values_like(mix_weight, maps).view({r * r, 3 * r * r}));
+  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "bias_maps_backward", [&] {
+    // the windows' adjoint: pooled[b, m + t, q] gets window t of map m
+    const scalar_t* gw = grad_windows.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t m = 0; m < k; ++m)
+        for (int64_t q = 0; q < r * r; ++q)
+          for (int64_t t = 0; t < 3; ++t)
+            pooled[((b * channels) + m + t) * r * r + q] +=
+                gw[((b * k + m) * r * r + q) * 3 + t];
+    const auto rows = pool_windows(mh, r), cols = pool_windows(mw, r);
+    const auto holders = window_holders(rows, mh);
+    const double *state = norm_state.data_ptr<double>();
+    const double *scale = state + 2 * channels, *shift = state + 3 * channels;
+    const scalar_t* mp = maps.data_ptr<scalar_t>();
+    const int64_t mn = mh * mw;
+    // per plane: the pooling's adjoint along W per window row, (r, W);
+    // each input row's gradient is its windows' rows summed, masked by the
+    // ReLU of the forward (the same float arithmetic)
+    auto for_rows = [&](int64_t p, auto&& f) {
+      std::vector<double> expanded(r * mw, 0.0), row(mw);
+      const double* gpool = pooled.data() + p * r * r;
+      for (int64_t i = 0; i < r; ++i)
+        for (int64_t j = 0; j < r; ++j) {
+          const double v =
+              gpool[i * r + j] /
+              double((rows[i].second - rows[i].first) *
+                     (cols[j].second - cols[j].first));
+          for (int64_t x = cols[j].first; x < cols[j].second; ++x)
+            expanded[i * mw + x] += v;
+        }
+      const int64_t c = p % channels;
+      const scalar_t a = scalar_t(scale[c]), s = scalar_t(shift[c]);
+      for (int64_t y = 0; y < mh; ++y) {
+        std::fill(row.begin(), row.end(), 0.0);
+        for (const int64_t i : holders[y])
+          for (int64_t x = 0; x < mw; ++x) row[x] += expanded[i * mw + x];
+        const scalar_t* mr = mp + p * mn + y * mw;
+        for (int64_t x = 0; x < mw; ++x)
+          if (!(mr[x] * a + s > scalar_t(0))) row[x] = 0;
+        f(y, row.data(), mr);
+      }
+    };
+    std::vector<double> plane_sums(batch * channels),
+        plane_dots(batch * channels);
+    at::parallel_for(0, batch * channels, std::max<int64_t>(1, kSerial / mn),
+                     [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        double a = 0, b = 0;
+        for_rows(p, [&](int64_t, const double* g, const scalar_t* mr) {
+          for (int64_t x = 0; x < mw; ++x) {
+            a += g[x];
+            b += g[x] * mr[x];
+          }
+        });
+        plane_sums[p] = a;
+        plane_dots[p] = b;
+      }
+    });
+    for (int64_t p = 0; p < batch * channels; ++p) {
+      norm_sums[p % channels] += plane_sums[p];
+      norm_dots[p % channels] += plane_dots[p];
+    }
+    norm = norm_grad(norm_state, norm_sums, norm_dots, batch * mn,
+                     norm_batch);
+    scalar_t* gm = grad_maps.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * channels, std::max<int64_t>(1, kSerial / mn),
+                     [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % channels;
+        const double alpha = norm.alpha[c], beta = norm.beta[c],
+                     gamma = norm.gamma[c];
+        for_rows(p, [&](int64_t y, const double* g, const scalar_t* mr) {
+          scalar_t* out_row = gm + p * mn + y * mw;
+          for (int64_t x = 0; x < mw; ++x)
+            out_row[x] = alpha * g[x] + beta * mr[x] + gamma;
+        });
+      }
+    });
+  });
+  return {grad_maps, as_tensor(norm.grad_weight), as_tensor(norm.grad_bias),
+          grad_mix_weight, grad_mix_bias, as_tensor(bn.grad_weight),
+          as_tensor(bn.grad_bias)};
 }
 
 // Per row (b, c) of x: its dot product with channel c's kernel, in double
@@ -1700,6 +2068,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rank_combine", &rank_combine);
   m.def("scale_shift_relu_pool_windows", &scale_shift_relu_pool_windows);
   m.def("upsample_scale_shift_relu", &upsample_scale_shift_relu);
+  m.def("bias_maps_train", &bias_maps_train);
+  m.def("bias_maps_train_backward", &bias_maps_train_backward);
   m.def("channel_dots", &channel_dots);
   m.def("relu_few_maps_grad_moments", &relu_few_maps_grad_moments);
   m.def("relu_few_maps_combine", &relu_few_maps_combine);
