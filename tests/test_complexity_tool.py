@@ -1,6 +1,7 @@
 """tools/analysis/complexity.py end to end on a tiny input (CPU, ~30 s idle)."""
 import sys
 
+import pytest
 import torch
 
 NAMES = ['R50', 'SB-R50', 'GE-θ⁻-R50', 'GE-θ-R50', 'GE-θ⁺-R50',
@@ -63,6 +64,32 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
     for name in NAMES[1:]:
         assert float(rows[name][4].rstrip('%')) > 0, rows[name]
     assert float(rows['SB-R50'][4].rstrip('%')) >= 0.5  # 0.6-1% at 64x64
+
+
+@pytest.mark.parametrize('device', [
+    'cpu',
+    pytest.param('cuda', marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason='needs a CUDA device'))])
+def test_complexity_tool_amp_channels_last(run, repo_root, tmp_path, device):
+    """The table with autocast and channels_last (bfloat16 on CPU, float16
+    on CUDA), on the CPU and, where one exists, a GPU (``--device cuda``):
+    every column filled, the settings in the report."""
+    out = tmp_path / 'complexity.md'
+    models = ['R50', 'SB-R50', 'GE-θ⁺-R50', 'PSI-R50', 'R50 (again)']
+    run([sys.executable, repo_root / 'tools' / 'analysis' / 'complexity.py',
+         '--device', device, '--amp', '--channels-last', '--shape', '64x64',
+         '--batch', '2', '--repeats', '1', '--warmup', '0', '--models',
+         *models, '--out', out], timeout=300)
+    report = out.read_text()
+    assert 'autocast float32, channels_last' in report
+    if device == 'cuda':
+        assert f'GPU: {torch.cuda.get_device_name()}' in report
+    rows = [[c.strip() for c in line.strip('|').split('|')]
+            for line in report.splitlines() if line.startswith('| ')
+            and line.strip('|').split('|')[0].strip() in models]
+    assert [r[0] for r in rows] == models
+    for cells in rows:
+        assert len(cells) == 14 and all(float(v) > 0 for v in cells[5:12])
 
 
 def test_fast_path_ab_tool_tiny_run(run, repo_root):
