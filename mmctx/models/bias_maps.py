@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .norm_gate import kernels, step_statistics
+from .spatial_bias import mix_and_resize
 from .utils import hooked
 
 
@@ -98,14 +99,9 @@ def plain_bias_maps(maps, norm_weight, norm_bias, mix_weight, mix_bias,
     """The function :class:`_BiasMaps` computes, from PyTorch ops (as
     :meth:`mmctx.models.SpatialBias.spatial_bias_of_squeezed` followed by
     bn2 and the ReLU; ``*_fixed``: ``(state or None, eps)``)."""
-    batch, k = maps.shape[0], maps.shape[1] - 2
     pooled = F.adaptive_avg_pool2d(
         F.relu(_norm(maps, norm_weight, norm_bias, *norm_fixed)), r)
-    windows = pooled.flatten(2).unfold(1, 3, 1)  # (B, k, r*r, 3)
-    bias = F.linear(windows.reshape(batch, k, -1),
-                    mix_weight.reshape(r * r, -1), mix_bias)
-    bias = F.interpolate(bias.reshape(batch, k, r, r), size=size,
-                         mode='bilinear', align_corners=False)
+    bias = mix_and_resize(pooled, mix_weight, mix_bias, size)
     return F.relu(_norm(bias, bn_weight, bn_bias, *bn_fixed))
 
 

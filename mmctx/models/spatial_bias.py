@@ -16,6 +16,19 @@ from .utils import (adaptive_avg_pool2d_generic, adaptive_max_pool2d_generic,
                     size_generic_path)
 
 
+def mix_and_resize(pooled, weight, bias, size):
+    """Spatial Bias's Conv1d (``weight``, ``bias``) along the maps of the
+    pooled (B, k + 2, r, r) maps, as one GEMM over its windows (oneDNN's
+    conv costs several times more on so small an input, per call), and
+    the k bias maps resized bilinearly to ``size``."""
+    batch, k, r = pooled.shape[0], pooled.shape[1] - 2, pooled.shape[-1]
+    windows = pooled.flatten(2).unfold(1, 3, 1)  # (B, k, r*r, 3)
+    maps = F.linear(windows.reshape(batch, k, -1), weight.reshape(r * r, -1),
+                    bias)  # (B, k, r*r)
+    return F.interpolate(maps.reshape(batch, k, r, r), size=size,
+                         mode='bilinear', align_corners=False)
+
+
 @MODELS.register_module()
 class SpatialBias(BaseModule):
     """Spatial Bias: a few globally mixed, heavily compressed feature maps.
@@ -129,18 +142,11 @@ class SpatialBias(BaseModule):
             maps = generic_pool(maps, (r, r))
         else:
             maps = self.pool(maps)  # (B, k + 2, r, r)
-        if generic or torch.jit.is_tracing() or hooked(self.mix):
-            # Positions become Conv1d channels; the kernel slides over the
-            # maps.
-            maps = maps.flatten(2).transpose(1, 2)  # (B, r*r, k + 2)
-            bias = self.mix(maps).transpose(1, 2)  # (B, k, r*r)
-        else:
-            # The same Conv1d as one GEMM over its windows (oneDNN's conv
-            # costs several times more on so small an input, per call)
-            windows = maps.flatten(2).unfold(1, 3, 1)  # (B, k, r*r, 3)
-            bias = F.linear(windows.reshape(batch, self.num_bias, -1),
-                            self.mix.weight.reshape(r * r, -1),
-                            self.mix.bias)  # (B, k, r*r)
+        if not (generic or torch.jit.is_tracing() or hooked(self.mix)):
+            return mix_and_resize(maps, self.mix.weight, self.mix.bias, size)
+        # Positions become Conv1d channels; the kernel slides over the maps.
+        maps = maps.flatten(2).transpose(1, 2)  # (B, r*r, k + 2)
+        bias = self.mix(maps).transpose(1, 2)  # (B, k, r*r)
         bias = bias.reshape(batch, self.num_bias, r, r)
         return F.interpolate(
             bias, size=size, mode='bilinear', align_corners=False)
