@@ -27,8 +27,6 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(exclude=('tests', 'tests.*', 'configs', 'tools')),
     include_package_data=True,
-    # C++ row kernels compiled on first use (mmctx/models/norm_mean_gate.py)
-    package_data={'mmctx': ['models/csrc/*.cpp']},
     python_requires='>=3.8',
     install_requires=[
         'mmcv==2.1.0',  # built and installed by tools/setup_env.sh first
@@ -39,7 +37,6 @@ setup(
         'ftfy',  # imported by mmsegmentation but not declared by it
         'regex',  # idem
         'pycocotools',
-        'ninja',  # torch.utils.cpp_extension builds mmctx's CPU kernels
         # mmdet's analyze_logs.py plot_curve / tools/analysis/analyze_logs.py
         'matplotlib',
         'seaborn>=0.12',

@@ -14,7 +14,6 @@ allocator's own peak (``torch.cuda.max_memory_allocated``) is reported
 instead. The CPU figure is deterministic: it does not depend on the
 allocator or on other processes.
 """
-import contextlib
 import math
 import statistics
 import time
@@ -22,26 +21,24 @@ from collections import defaultdict
 
 import torch
 
-# The backbones the cost tools compare, as registry configs. mmdet 3.3.0
-# ships no NonLocal config; NL sits like GCNet's ContextBlock, after conv3
-# (on the residual branch) of every block of the chosen stages. All train
-# their BN statistics in a training step (``norm_eval=False``, as in
-# ImageNet / CIFAR pre-training; mmdet's ResNet defaults to True, frozen
-# statistics, the detection fine-tuning setting).
-R50 = dict(type='mmdet.ResNet', depth=50, norm_eval=False)
+# The backbones the cost tools compare, as registry configs, before the
+# setting (:data:`SETTINGS`) is applied. mmdet 3.3.0 ships no NonLocal
+# config; NL sits like GCNet's ContextBlock, after conv3 (on the residual
+# branch) of every block of the chosen stages.
+R50 = dict(type='mmdet.ResNet', depth=50)
 NL = dict(type='NonLocal2d', reduction=4, use_scale=True,
           mode='embedded_gaussian')
 GC = dict(type='ContextBlock', ratio=1. / 16)  # mmdet configs/gcnet, r16
 BACKBONES = {
     'R50': R50,
-    'SB-R50': dict(type='SBResNet', depth=50, norm_eval=False),
-    'GE-θ⁻-R50': dict(type='GEResNet', depth=50, norm_eval=False,
+    'SB-R50': dict(type='SBResNet', depth=50),
+    'GE-θ⁻-R50': dict(type='GEResNet', depth=50,
                       ge=dict(variant='parameter_free', extent='global')),
-    'GE-θ-R50': dict(type='GEResNet', depth=50, norm_eval=False,
+    'GE-θ-R50': dict(type='GEResNet', depth=50,
                      ge=dict(variant='depthwise', extent='global')),
-    'GE-θ⁺-R50': dict(type='GEResNet', depth=50, norm_eval=False,
+    'GE-θ⁺-R50': dict(type='GEResNet', depth=50,
                       ge=dict(variant='depthwise_excite', extent='global')),
-    'PSI-R50': dict(type='PSIResNet', depth=50, norm_eval=False),
+    'PSI-R50': dict(type='PSIResNet', depth=50),
     'NL-R50 (c4)': dict(R50, plugins=[dict(
         cfg=NL, stages=(False, False, True, False), position='after_conv3')]),
     'GC-R50 (r16, c3-c5)': dict(R50, plugins=[dict(
@@ -52,36 +49,76 @@ BACKBONES = {
 # the same run is the measurement's noise.
 CONTROLS = {'R50 (again)': R50}
 
+# How the shipped configs build the backbone: detection fine-tunes with
+# frozen BN statistics and a frozen stem + stage 1 (mmdet's configs);
+# segmentation (mmseg) and classification (mmpretrain) train every BN.
+SETTINGS = {
+    'detection': dict(norm_eval=True, frozen_stages=1),
+    'segmentation': dict(norm_eval=False, frozen_stages=-1),
+}
 
-def stage_loss(outputs):
-    """A scalar that depends on every stage output (their mean squares)."""
+
+def backbone_cfg(name, setting='detection'):
+    """The registry config of backbone ``name`` as the ``setting``'s
+    shipped configs build it."""
+    return dict({**BACKBONES, **CONTROLS}[name], **SETTINGS[setting])
+
+
+def target_loss(outputs, targets):
+    """Mean squared distance of every stage output to a fixed target of its
+    shape (uniform in [0, 1), like a ReLU output): a loss that keeps the
+    outputs alive. A loss that drives them to zero (their mean squares)
+    saturates GE's and PSI's gates within two SGD steps and fills the
+    gradients with denormal floats, which CPUs compute several times
+    slower: a benchmark would time that, not the model."""
     if isinstance(outputs, torch.Tensor):
         outputs = (outputs, )
-    return sum(o.float().pow(2).mean() for o in outputs)
+    loss = 0
+    for out in outputs:
+        key = (tuple(out.shape), out.device)
+        if key not in targets:
+            gen = torch.Generator().manual_seed(len(targets))
+            targets[key] = torch.rand(out.shape, generator=gen).to(
+                out.device)
+        loss = loss + (out.float() - targets[key]).square().mean()
+    return loss
+
+
+def denormal_gradients(model):
+    """How many gradient values of ``model`` are denormal floats."""
+    count = 0
+    for p in model.parameters():
+        if p.grad is not None and p.grad.is_floating_point():
+            tiny = torch.finfo(p.grad.dtype).tiny
+            g = p.grad.abs()
+            count += int(((g > 0) & (g < tiny)).sum())
+    return count
 
 
 class TrainingStep:
-    """One SGD training step of ``model`` on a fixed input, callable.
+    """One SGD training step of ``model`` on a fixed input, callable: train
+    mode, forward, :func:`target_loss`, backward, an SGD step (lr 0.01,
+    momentum 0.9, weight decay 1e-4), as a training job's iteration.
 
     Args:
-        model (nn.Module): The backbone (put in train mode here).
-        lr (float): SGD learning rate. 0 by default: the step still does
-            all of SGD's work (momentum, weight decay, update), and every
-            repeat computes on the same weights. A small nonzero rate would
-            move the zero-initialised layers (ResNet's last BN of each block,
-            the context modules' last layers) to tiny values whose products
-            are denormal floats, which CPUs compute several times slower:
-            the timing would measure that artefact of the init, not the
-            model (a 2.4x slower GE-θ⁻ training step at 400x608).
+        model (nn.Module): The backbone (put in train mode here; under
+            ``norm_eval`` its BNs stay in eval mode, as upstream's
+            ``train()`` leaves them).
+        lr (float): SGD learning rate.
         autocast (bool): Run forward and loss under ``torch.autocast`` of
             the input's device type (bfloat16 on CPU, float16 on CUDA).
+        forward (callable, optional): What computes the outputs (e.g. the
+            ``torch.compile`` of ``model``); default ``model`` itself.
     """
 
-    def __init__(self, model, lr=0.0, autocast=False):
+    def __init__(self, model, lr=0.01, autocast=False, forward=None):
         model.train()  # mmdet's ResNet.train() returns None
         self.model = model
+        self.forward = forward or model
+        self.targets = {}
         self.optimizer = torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+            [p for p in model.parameters() if p.requires_grad], lr=lr,
+            momentum=0.9, weight_decay=1e-4)
         self.autocast = autocast
         # Gradients and momentum buffers exist from a training job's first
         # iteration: allocate them now, before any activation, so no timed
@@ -98,7 +135,7 @@ class TrainingStep:
         with torch.autocast(x.device.type, enabled=self.autocast,
                             dtype=torch.bfloat16 if x.device.type == 'cpu'
                             else torch.float16):
-            loss = stage_loss(self.model(x))
+            loss = target_loss(self.forward(x), self.targets)
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         self.optimizer.step()
@@ -139,7 +176,7 @@ def training_memory_bytes(model, x, autocast=False):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast(x.device.type, enabled=autocast,
                             dtype=torch.bfloat16):
-            loss = stage_loss(model(x))
+            loss = target_loss(model(x), step.targets)
     activations = sum(n for k, n in saved.items() if k not in param_keys)
     del loss
     return state + activations
@@ -230,72 +267,15 @@ def median_interval(values, confidence=0.95):
     return values[rank - 1], values[n - rank]
 
 
-def time_two_paths(fast, plain, repeats=45, warmup=2):
-    """Time two callables back to back, ``repeats`` times, alternating which
-    runs first; returns (median of the per-pair ratios fast / plain, median
-    fast ms, median plain ms). For comparing two code paths of one layer,
-    where whole-network timings cannot resolve the difference."""
-    ratios, fast_ms, plain_ms = [], [], []
-    for i in range(warmup + repeats):
-        pair = {}
-        for name, call in ((('fast', fast), ('plain', plain)) if i % 2 == 0
-                           else (('plain', plain), ('fast', fast))):
-            start = time.perf_counter()
-            call()
-            pair[name] = (time.perf_counter() - start) * 1e3
-        if i >= warmup:
-            ratios.append(pair['fast'] / pair['plain'])
-            fast_ms.append(pair['fast'])
-            plain_ms.append(pair['plain'])
-    return (statistics.median(ratios), statistics.median(fast_ms),
-            statistics.median(plain_ms))
-
-
-class _RecordedKernels:
-    """The compiled loops of ``mmctx.models.norm_gate.kernels()``, each call
-    recorded as a profiler event ``mmctx::<name>``: they are not ATen ops,
-    so the profiler would otherwise add their time to nothing (it would
-    fall between the events)."""
-
-    def __init__(self, module):
-        self._module = module
-
-    def __getattr__(self, name):
-        function = getattr(self._module, name)
-
-        def recorded(*args):
-            with torch.profiler.record_function(f'mmctx::{name}'):
-                return function(*args)
-
-        return recorded
-
-
-@contextlib.contextmanager
-def recorded_kernels():
-    """Within: every call of mmctx's compiled loops is a profiler event."""
-    from mmctx.models import norm_gate
-    module = norm_gate.kernels()
-    if module is None:
-        yield
-        return
-    norm_gate._kernels[0] = _RecordedKernels(module)
-    try:
-        yield
-    finally:
-        norm_gate._kernels[0] = module
-
-
 def op_self_times(call, x, repeats=3):
     """Median self CPU time in ms of each profiler event (aten op, autograd
-    node, optimizer step, one of mmctx's compiled loops as
-    ``mmctx::<name>``) over ``repeats`` profiled calls of ``call(x)``,
+    node, optimizer step) over ``repeats`` profiled calls of ``call(x)``,
     after one unprofiled warm-up call."""
     from torch.profiler import ProfilerActivity, profile
     call(x)
     runs = defaultdict(list)
     for _ in range(repeats):
-        with profile(activities=[ProfilerActivity.CPU]) as prof, \
-                recorded_kernels():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             call(x)
         totals = defaultdict(float)
         for event in prof.key_averages():

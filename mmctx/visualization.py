@@ -107,23 +107,17 @@ def find_context_modules(model):
 def _ge_gate(module, x):
     """GatherExcite's gate for input ``x`` (B, C, h, w) or (B, C, 1, 1),
     computed with the module's own layers as in its forward."""
-    context = module._gather(x)
+    context = module.context(x)
     if module.variant == 'depthwise_excite':
         context = module.excite(F.relu(context))
-    gate = context.sigmoid()
     if module.extent != 'global':
-        height, width = x.shape[-2:]
-        gate = F.interpolate(gate, scale_factor=module.extent,
-                             mode='nearest')[..., :height, :width]
-    return gate
+        context = F.interpolate(context, size=x.shape[-2:], mode='nearest')
+    return context.sigmoid()
 
 
 def _psi_gate(module, x):
     """PatchSpatialInteraction's patch weights, expanded to x's size."""
-    patches = module.squeeze_patches(x)
-    weights = module.mlp(patches.flatten(1)).sigmoid()
-    weights = weights.view(x.shape[0], 1, *module.grid)
-    return F.interpolate(weights, size=x.shape[-2:], mode='nearest')
+    return module.pixel_weights(x)
 
 
 def _gain(x, gate):

@@ -153,18 +153,10 @@ def test_cutting_the_sb_branch_cuts_the_cue(monkeypatch):
     _randomise(model)
     assert _marker_sensitivity(model, data.image_size) > 2e-5
 
-    def no_bias(self, maps, size):
-        return maps.new_zeros(maps.shape[0], self.num_bias, *size)
+    def no_bias(self, x, size):
+        return x.new_zeros(x.shape[0], self.num_bias, *size)
 
-    def no_bias_inference(self, maps, size, scale, shift, loops=None):
-        # what inference_bias gives for zero bias maps: bn2 + ReLU of 0
-        return no_bias(self, maps, size).add(
-            shift.view(-1, 1, 1)).relu_()
-
-    # every path (training, inference's fused squeeze) takes the bias maps
-    # from here, or (inference's C++ branch) from inference_bias
-    monkeypatch.setattr(SpatialBias, 'spatial_bias_of_squeezed', no_bias)
-    monkeypatch.setattr(SpatialBias, 'inference_bias', no_bias_inference)
+    monkeypatch.setattr(SpatialBias, 'spatial_bias', no_bias)
     reach = probe.cue_reach(model, data.image_size, data.marker_size)
     assert not reach['whole_image']
     assert reach['reach'] < data.min_cue_distance
@@ -243,18 +235,10 @@ def test_sb_learns_the_far_cue_and_not_without_its_branch(tmp_path,
     assert learned['mIoU'] >= 40, learned
     assert learned['accuracy'] >= 55, learned
 
-    def no_bias(self, maps, size):
-        return maps.new_zeros(maps.shape[0], self.num_bias, *size)
+    def no_bias(self, x, size):
+        return x.new_zeros(x.shape[0], self.num_bias, *size)
 
-    def no_bias_inference(self, maps, size, scale, shift, loops=None):
-        # what inference_bias gives for zero bias maps: bn2 + ReLU of 0
-        return no_bias(self, maps, size).add(
-            shift.view(-1, 1, 1)).relu_()
-
-    # every path (training, inference's fused squeeze) takes the bias maps
-    # from here, or (inference's C++ branch) from inference_bias
-    monkeypatch.setattr(SpatialBias, 'spatial_bias_of_squeezed', no_bias)
-    monkeypatch.setattr(SpatialBias, 'inference_bias', no_bias_inference)
+    monkeypatch.setattr(SpatialBias, 'spatial_bias', no_bias)
     cut = _train(tmp_path / 'cut', 'SB', 600)
     assert cut['accuracy'] < 45, cut
     assert learned['mIoU'] - cut['mIoU'] >= 20, (learned, cut)

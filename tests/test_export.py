@@ -1,7 +1,6 @@
 """Export at any size: one ONNX file / torch.export program / jit trace per
-backbone serves every input size and equals the eager model there; the
-modules' size-generic path (what traced graphs run) equals their eager fast
-paths."""
+backbone serves every input size and equals the eager model there (the
+modules have one forward: what is exported is what runs eagerly)."""
 import os.path as osp
 import subprocess
 import sys
@@ -14,10 +13,6 @@ from mmengine.registry import MODELS
 import mmctx  # noqa: F401
 from mmctx.deployment import (_TupleOutputs, export_onnx, export_program,
                               verify_onnx)
-from mmctx.models import GatherExcite, PatchSpatialInteraction, SpatialBias
-from mmctx.models.utils import (adaptive_avg_pool2d_generic,
-                                adaptive_max_pool2d_generic, resample_to,
-                                size_generic, size_generic_path)
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
@@ -137,84 +132,6 @@ def test_jit_trace_at_reference_size_generalises(name):
             x = inputs(size, seed=2)
             diff = max_diff(traced(x), model(x))
             assert diff <= 1e-5, (name, size, diff)
-
-
-def test_eager_is_not_generic_and_tracing_is():
-    x = torch.randn(1, 2, 5, 5)
-    assert not size_generic_path(x)
-    with size_generic():
-        assert size_generic_path(x)
-    assert not size_generic_path(x)
-    seen = []
-
-    def probe(t):
-        seen.append(size_generic_path(t))
-        return t * 2
-
-    torch.jit.trace(probe, x, check_trace=False)
-    assert seen == [True]
-    with size_generic(False):  # analysis tools: trace the eager paths
-        torch.jit.trace(probe, x, check_trace=False)
-    assert seen == [True, False]
-
-
-# ------------------------------------------------ generic path == fast path
-def all_modules():
-    return [
-        SpatialBias(16, num_bias=3, pool_size=10),
-        SpatialBias(16, num_bias=2, pool_size=6, pool_type='max',
-                    fusion='add'),
-        *(GatherExcite(16, v, e, feature_size=(7, 9), reduction=4)
-          for v in ('parameter_free', 'depthwise', 'depthwise_excite')
-          for e in (2, 4, 8, 'global')),
-        PatchSpatialInteraction(16, feature_size=32, grid_size=8),
-        PatchSpatialInteraction(16, feature_size=(8, 12), grid_size=4),
-        PatchSpatialInteraction(16, feature_size=8),
-    ]
-
-
-@pytest.mark.parametrize('hw', [(7, 9), (8, 12), (32, 32), (1, 1), (5, 3),
-                                (33, 57)])
-def test_generic_path_equals_eager_fast_path(hw):
-    """What traced / exported graphs compute equals the eager result (which
-    takes fast paths: no resampling at the reference size, adaptive pools,
-    ceil-mode windows) at, below and above the reference size."""
-    for m in all_modules():
-        randomize(m)
-        x = torch.randn(2, 16, *hw)
-        with torch.no_grad():
-            eager = m(x)
-            with size_generic():
-                generic = m(x)
-        torch.testing.assert_close(generic, eager, rtol=1e-5, atol=1e-5,
-                                   msg=lambda s: f'{m}: {s}')
-
-
-@pytest.mark.parametrize('hw,size', [((7, 9), (7, 9)), ((16, 16), (7, 9)),
-                                     ((5, 3), (7, 9)), ((33, 57), (10, 10)),
-                                     ((1, 1), (3, 2))])
-def test_generic_pools_equal_adaptive_pools(hw, size):
-    x = torch.randn(2, 3, *hw)
-    avg = adaptive_avg_pool2d_generic(x, size)
-    torch.testing.assert_close(avg, torch.nn.functional.adaptive_avg_pool2d(
-        x, size), rtol=1e-6, atol=1e-6)
-    if hw == size:
-        assert torch.equal(avg, x)  # the identity, exactly
-    assert torch.equal(adaptive_max_pool2d_generic(x, size),
-                       torch.nn.functional.adaptive_max_pool2d(x, size))
-    with size_generic():
-        assert torch.equal(resample_to(x, size), avg)
-    if hw == size:
-        assert resample_to(x, size) is x  # eager fast path: no op at all
-
-
-def test_window_gate_generic_is_exact_copy():
-    m = GatherExcite(4, 'parameter_free', extent=4)
-    gate = torch.randn(2, 4, 2, 3)
-    x = torch.randn(2, 4, 7, 9)
-    eager = m._expand(gate, x)
-    with size_generic():
-        assert torch.equal(m._expand(gate, x), eager)
 
 
 # ------------------------------------------------------------------- the CLI

@@ -54,8 +54,9 @@ def reference_gather_excite(m, x):
     if m.variant == 'parameter_free':
         if m.extent == 'global':
             g = F.adaptive_avg_pool2d(x, 1)
-        else:
-            g = F.avg_pool2d(x, m.extent, m.extent)
+        else:  # GENet's overlapping windows (timm's GatherExcite)
+            e = m.extent
+            g = F.avg_pool2d(x, 2 * e - 1, e, e - 1, count_include_pad=False)
     elif m.extent == 'global':
         g = bn(F.conv2d(x, m.gather.weight, groups=x.shape[1]),
                m.gather_norms[0])
@@ -192,13 +193,50 @@ def test_spatial_bias_any_target_size():
     assert out.shape == (1, 19, 17, 29)
 
 
-def test_ge_window_gate_follows_windows_at_odd_sizes():
-    m = GatherExcite(4, 'parameter_free', extent=4)
-    x = torch.rand(1, 4, 7, 9)
-    out = m(x)
-    # pixel (6, 8) lies in the window rows 4..6, cols 8..8
-    gate = torch.sigmoid(x[..., 4:7, 8:9].mean((2, 3)))
-    torch.testing.assert_close(out[..., 6, 8], x[..., 6, 8] * gate)
+def official_local_gather_gate(x, e):
+    """GE-θ⁻'s gate for extent ``e``, written from the GENet definition with
+    loops: cell (a, b) of the ⌈H/e⌉ x ⌈W/e⌉ gathered map is the mean of the
+    input pixels inside the (2e-1) x (2e-1) window at rows a*e - (e-1) ..
+    a*e + (e-1) (likewise columns), clipped to the map (padding not
+    counted); pixel (i, j) then takes cell (floor(i*⌈H/e⌉/H),
+    floor(j*⌈W/e⌉/W)), nearest interpolation back to H x W."""
+    height, width = x.shape[-2:]
+    gh, gw = -(-height // e), -(-width // e)
+    gathered = torch.empty(*x.shape[:2], gh, gw, dtype=torch.float64)
+    for a in range(gh):
+        for b in range(gw):
+            rows = slice(max(a * e - (e - 1), 0), min(a * e + e, height))
+            cols = slice(max(b * e - (e - 1), 0), min(b * e + e, width))
+            gathered[..., a, b] = x[..., rows, cols].double().mean((2, 3))
+    gate = torch.empty(*x.shape, dtype=torch.float64)
+    for i in range(height):
+        for j in range(width):
+            gate[..., i, j] = gathered[..., i * gh // height, j * gw // width]
+    return torch.sigmoid(gate)
+
+
+@pytest.mark.parametrize('extent', [2, 4, 8])
+@pytest.mark.parametrize('hw', [(16, 16), (7, 9), (33, 57), (56, 56),
+                                (25, 8), (3, 2), (1, 1)])
+def test_ge_parameter_free_local_gather_is_the_official_one(extent, hw):
+    """GE-θ⁻ with extent 2/4/8 at square, odd, non-square and tiny sizes
+    equals an independent re-implementation of the official definition."""
+    m = GatherExcite(4, 'parameter_free', extent=extent)
+    x = torch.rand(2, 4, *hw)
+    expected = x.double() * official_local_gather_gate(x, extent)
+    torch.testing.assert_close(m(x).double(), expected, rtol=1e-5,
+                               atol=1e-6)
+    assert m.context(x).shape[-2:] == (-(-hw[0] // extent),
+                                        -(-hw[1] // extent))
+
+
+def test_ge_e8_window_is_15x15_stride_8():
+    """The paper's figure for e = 8: "Ave Pooling (15x15, stride 8)": the
+    centre cell of a 24x24 map averages rows / cols 1..15."""
+    m = GatherExcite(1, 'parameter_free', extent=8)
+    x = torch.rand(1, 1, 24, 24)
+    torch.testing.assert_close(m.context(x)[0, 0, 1, 1],
+                               x[0, 0, 1:16, 1:16].mean())
 
 
 def test_registered_in_root_registry():
@@ -249,11 +287,12 @@ def test_parameter_counts_per_block():
 @pytest.mark.parametrize('feature_size,grid,hw', [
     (64, 16, (56, 56)), (64, 16, (200, 304)), (32, 16, (33, 57)),
     (8, 16, (7, 7)), ((8, 12), 4, (5, 3)), (16, 16, (1, 1))])
-def test_psi_squeeze_away_from_reference_equals_resample_then_squeeze(
-        feature_size, grid, hw):
-    from mmctx.models.utils import resample_to
+def test_psi_away_from_reference_pools_to_it_first(feature_size, grid, hw):
+    """Off the reference size PSI is PSI of the map average-pooled to the
+    reference size, its weights mapped back to H x W (nearest)."""
     m = randomize(PatchSpatialInteraction(24, feature_size, grid_size=grid))
     x = torch.randn(2, 24, *hw)
-    naive = m.squeeze(resample_to(x, m.feature_size)).squeeze(1)
-    torch.testing.assert_close(m.squeeze_patches(x), naive, rtol=1e-5,
-                               atol=1e-5)
+    patches = m.squeeze(F.adaptive_avg_pool2d(x, m.feature_size))
+    weights = m.mlp(patches.flatten(1)).sigmoid().view(2, 1, *m.grid)
+    expected = x * F.interpolate(weights, size=hw, mode='nearest')
+    torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-6)

@@ -3,30 +3,12 @@ Networks", https://arxiv.org/abs/2302.12505)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmcv.cnn import build_norm_layer
+from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .norm_gate import kernels
-from .utils import (adaptive_avg_pool2d_generic, adaptive_max_pool2d_generic,
-                    built_as_plugin, check_choice, check_init_cfg,
-                    build_pointwise_conv, check_layer_cfg,
-                    check_positive_int, eval_affine, hooked, normalize,
-                    size_generic_path)
-
-
-def mix_and_resize(pooled, weight, bias, size):
-    """Spatial Bias's Conv1d (``weight``, ``bias``) along the maps of the
-    pooled (B, k + 2, r, r) maps, as one GEMM over its windows (oneDNN's
-    conv costs several times more on so small an input, per call), and
-    the k bias maps resized bilinearly to ``size``."""
-    batch, k, r = pooled.shape[0], pooled.shape[1] - 2, pooled.shape[-1]
-    windows = pooled.flatten(2).unfold(1, 3, 1)  # (B, k, r*r, 3)
-    maps = F.linear(windows.reshape(batch, k, -1), weight.reshape(r * r, -1),
-                    bias)  # (B, k, r*r)
-    return F.interpolate(maps.reshape(batch, k, r, r), size=size,
-                         mode='bilinear', align_corners=False)
+from .utils import (built_as_plugin, check_choice, check_init_cfg,
+                    check_layer_cfg, check_positive_int, normalize)
 
 
 @MODELS.register_module()
@@ -51,7 +33,8 @@ class SpatialBias(BaseModule):
 
     Any input size works: pooling is adaptive (maps smaller than the grid are
     repeated) and upsampling goes to the target's exact size, so non-square
-    maps and batch size 1 are fine.
+    maps and batch size 1 are fine. The official code upsamples by a scale
+    factor fixed for 224 inputs; at that size the two agree.
 
     Args:
         in_channels (int): Channels of the input feature map.
@@ -107,8 +90,8 @@ class SpatialBias(BaseModule):
             else in_channels
 
         # k + 2 maps: the unpadded kernel-3 Conv1d below eats two of them.
-        self.squeeze = build_pointwise_conv(conv_cfg, in_channels,
-                                            num_bias + 2, bias=False)
+        self.squeeze = build_conv_layer(conv_cfg, in_channels, num_bias + 2,
+                                        kernel_size=1, bias=False)
         self.norm = build_norm_layer(norm_cfg, num_bias + 2)[1]
         self.pool = nn.AdaptiveAvgPool2d(pool_size) if pool_type == 'avg' \
             else nn.AdaptiveMaxPool2d(pool_size)
@@ -124,78 +107,18 @@ class SpatialBias(BaseModule):
             constant_init(self.proj, 0)
 
     def spatial_bias(self, x, size):
-        """The ``num_bias`` bias maps of ``x``, resized to ``size``."""
-        return self.spatial_bias_of_squeezed(self.squeeze(x), size)
-
-    def spatial_bias_of_squeezed(self, maps, size):
-        """The bias maps from the squeeze conv's output ``maps`` (B, k + 2,
-        H, W), resized to ``size``."""
-        batch = maps.shape[0]
+        """The ``num_bias`` bias maps of ``x`` (B, C, H, W), resized to
+        ``size``: (B, num_bias, *size)."""
         r = self.pool_size
-        maps = F.relu(normalize(self.norm, maps))
-        generic = size_generic_path(maps)
-        if generic:
-            # Traced / exported graphs: adaptive pooling from tensor ops
-            # (the legacy ONNX exporter has none for a dynamic input size).
-            generic_pool = adaptive_avg_pool2d_generic \
-                if self.pool_type == 'avg' else adaptive_max_pool2d_generic
-            maps = generic_pool(maps, (r, r))
-        else:
-            maps = self.pool(maps)  # (B, k + 2, r, r)
-        if not (generic or torch.jit.is_tracing() or hooked(self.mix)):
-            return mix_and_resize(maps, self.mix.weight, self.mix.bias, size)
-        # Positions become Conv1d channels; the kernel slides over the maps.
+        maps = F.relu(normalize(self.norm, self.squeeze(x)))
+        maps = self.pool(maps)  # (B, k + 2, r, r)
+        # Grid positions become the Conv1d's channels; its kernel slides
+        # along the k + 2 maps, so each output mixes all positions.
         maps = maps.flatten(2).transpose(1, 2)  # (B, r*r, k + 2)
-        bias = self.mix(maps).transpose(1, 2)  # (B, k, r*r)
-        bias = bias.reshape(batch, self.num_bias, r, r)
-        return F.interpolate(
-            bias, size=size, mode='bilinear', align_corners=False)
-
-    def inference_bias_applies(self, maps):
-        """Whether :meth:`inference_bias` may run on the squeeze conv's
-        output ``maps``: inference through an eval, affine BatchNorm with
-        running statistics, unhooked layers, eager code on contiguous
-        float32 / float64 CPU maps, the loops compiled."""
-        return (not torch.is_grad_enabled()
-                and not size_generic_path(maps)  # (tracing included)
-                and kernels() is not None and self.inference_bias_fits(maps))
-
-    def inference_bias_fits(self, maps):
-        """:meth:`inference_bias_applies` for a caller that has established
-        eager inference with the loops compiled (e.g. SB-ResNet's block
-        inference): the norm, the hooks and ``maps``."""
-        norm = self.norm
-        return (isinstance(norm, _BatchNorm)
-                and not norm.training and norm.affine
-                and norm.running_mean is not None
-                and norm.weight.dtype == maps.dtype
-                and self.mix.weight.dtype == maps.dtype
-                and maps.device.type == 'cpu' and maps.is_contiguous()
-                and maps.dtype in (torch.float32, torch.float64)
-                and not hooked(norm) and not hooked(self.pool)
-                and not hooked(self.mix))
-
-    def inference_bias(self, maps, size, scale, shift, loops=None):
-        """``relu(bias * scale + shift)`` per bias map (a following eval
-        norm and ReLU, e.g. SB-ResNet's bn2 on the bias channels) of the
-        bias maps of the squeeze conv's output ``maps``, resized to
-        ``size``: the norm, ReLU and pooling in one C++ pass that writes
-        the Conv1d's windows, the Conv1d as one GEMM, the resampling, norm
-        and ReLU in another; equal to :meth:`spatial_bias_of_squeezed`
-        followed by the affine map and ReLU up to float rounding. Call where
-        :meth:`inference_bias_applies` (``loops``: the compiled loops, from
-        a caller that has established eager inference, see
-        :func:`~mmctx.models.utils.eval_affine`)."""
-        r = self.pool_size
-        ops = kernels()
-        windows = ops.scale_shift_relu_pool_windows(
-            maps, *eval_affine(self.norm, loops=loops), r,
-            self.pool_type == 'max')
-        bias = F.linear(windows.view(maps.shape[0], self.num_bias, -1),
-                        self.mix.weight.view(r * r, -1), self.mix.bias)
-        return ops.upsample_scale_shift_relu(
-            bias.view(maps.shape[0], self.num_bias, r, r), *size,
-            scale, shift)
+        bias = self.mix(maps).transpose(1, 2)  # (B, r*r, k) -> (B, k, r*r)
+        bias = bias.reshape(-1, self.num_bias, r, r)
+        return F.interpolate(bias, size=size, mode='bilinear',
+                             align_corners=False)
 
     def forward(self, x, target=None):
         """Join the spatial bias of ``x`` to ``target`` (default: ``x``).

@@ -2,9 +2,13 @@
 of the mmctx context backbones and the mmcv references vs ResNet-50.
 
 All numbers come from one process: every backbone is built through the
-registry and initialised (``init_weights()``). Inference: eval mode under
-``torch.no_grad()``. Training step (:class:`mmctx.benchmark.TrainingStep`):
-train mode, forward, a loss over all stage outputs, backward, SGD step.
+registry as the shipped configs build it (``--setting detection``:
+``norm_eval=True``, ``frozen_stages=1``; ``segmentation``: every BN trains)
+and initialised (``init_weights()``); ``--compile`` times the
+``torch.compile`` of each. Inference: eval mode under ``torch.no_grad()``.
+Training step (:class:`mmctx.benchmark.TrainingStep`): train mode, forward,
+a loss that keeps the outputs alive (``target_loss``), backward, SGD step;
+the report counts the denormal gradient values after the timed steps.
 Times are medians of ``--repeats`` timed rounds after ``--warmup`` untimed
 ones, the models interleaved (round-robin, rotating the start, R50 between
 every two) so machine noise hits all of them alike; ratios compare each run
@@ -13,6 +17,7 @@ with the R50 runs just before and after it
 :func:`mmctx.benchmark.training_memory_bytes`.
 
     python tools/analysis/complexity.py        # 224x224 b8 and 800x1216 b1
+    python tools/analysis/complexity.py --setting segmentation --compile
     python tools/analysis/complexity.py --shape 64x64 --batch 1 --repeats 1
     python tools/analysis/complexity.py --device cuda --amp --channels-last
     python tools/analysis/complexity.py --out docs/complexity.md
@@ -34,11 +39,11 @@ from mmengine.registry import MODELS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import mmctx  # noqa: E402,F401  (registers SBResNet, GEResNet, PSIResNet)
-from mmctx.benchmark import (BACKBONES, CONTROLS, TrainingStep,  # noqa: E402
-                             bracketed_ratio, cuda_training_memory_bytes,
+from mmctx.benchmark import (BACKBONES, CONTROLS, SETTINGS,  # noqa: E402
+                             TrainingStep, backbone_cfg, bracketed_ratio,
+                             cuda_training_memory_bytes, denormal_gradients,
                              median_interval, time_interleaved,
                              training_memory_bytes)
-from mmctx.models.utils import size_generic  # noqa: E402
 
 # Averages mmengine leaves uncounted (GE-θ⁻'s gather): one add per input
 # element, like mmengine's own adaptive_avg_pool2d handle.
@@ -64,6 +69,12 @@ def parse_args():
                    help='autocast (bfloat16 on CPU, float16 on CUDA)')
     p.add_argument('--channels-last', action='store_true',
                    help='channels_last memory format for models and input')
+    p.add_argument('--setting', default='detection', choices=list(SETTINGS),
+                   help='build the backbones as the detection configs '
+                   '(norm_eval, frozen stage 1) or the segmentation / '
+                   'classification configs (training BN) do')
+    p.add_argument('--compile', action='store_true',
+                   help='time torch.compile of each backbone (inductor)')
     p.add_argument('--no-train', action='store_true',
                    help='skip the training-step time and memory columns')
     p.add_argument('--models', nargs='+',
@@ -85,10 +96,7 @@ def count_flops(model, x):
     for op, handle in EXTRA_FLOP_HANDLES.items():
         analyzer.set_op_handle(op, handle)
     analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    # FlopAnalyzer traces the model: count what eager code computes (its
-    # fast paths), not the size-generic graph that export would produce.
-    with size_generic(False):
-        return analyzer.total(), analyzer.unsupported_ops()
+    return analyzer.total(), analyzer.unsupported_ops()
 
 
 def release_memory():
@@ -207,13 +215,16 @@ def main():
     chosen = ['R50'] + [n for n in (args.models or BACKBONES) if n != 'R50']
     models = {}
     for name in chosen:
-        model = MODELS.build({**BACKBONES, **CONTROLS}[name])
+        model = MODELS.build(backbone_cfg(name, args.setting))
         model.init_weights()
         model.to(device=device, memory_format=fmt)
         model.eval()  # mmdet's ResNet.train() returns None
         models[name] = model
     params = {n: sum(p.numel() for p in m.parameters())
               for n, m in models.items()}
+    # what the timed calls run: the model, or its compiled version
+    forwards = {n: torch.compile(m) if args.compile else m
+                for n, m in models.items()}
 
     command = ' '.join(['python'] + [shlex.quote(a) for a in sys.argv])
     lines = [
@@ -224,13 +235,16 @@ def main():
         f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "(unset)")}'
         + (f', GPU: {torch.cuda.get_device_name()}'
            if args.device == 'cuda' else ''),
+        f'- setting: {args.setting} ({SETTINGS[args.setting]}); '
+        f'{"torch.compile (inductor)" if args.compile else "eager"}',
         '- backbones only (4 stage outputs, no neck/classifier), '
         f'{"autocast " if args.amp else ""}float32, '
         f'{"channels_last" if args.channels_last else "NCHW"}; inference: '
         'eval mode after `init_weights()`, `torch.no_grad()`',
-        '- training step: train mode (BN updating), forward, loss = sum of '
-        'the mean squares of the stage outputs, backward, SGD step '
-        '(momentum 0.9, wd 1e-4); train memory: '
+        '- training step: train mode, forward, loss = mean squared '
+        'distance of each stage output to a fixed random target '
+        '(`mmctx.benchmark.target_loss`), backward, SGD step (lr 0.01, '
+        'momentum 0.9, wd 1e-4); train memory: '
         + ('`torch.cuda.max_memory_allocated` of a step'
            if args.device == 'cuda' else
            'parameters + gradients + momentum + the tensors autograd saves '
@@ -280,23 +294,29 @@ def main():
                 dtype=torch.bfloat16 if args.device == 'cpu'
                 else torch.float16):
             latency_rounds = {}
-            latency, cpu = time_interleaved(models, x, args.warmup,
+            latency, cpu = time_interleaved(forwards, x, args.warmup,
                                             args.repeats, sync, 'R50',
                                             latency_rounds)
         train_rounds = None
         release_memory()
         if not args.no_train:
-            steps = {n: TrainingStep(m, autocast=args.amp)
+            steps = {n: TrainingStep(m, autocast=args.amp,
+                                     forward=forwards[n])
                      for n, m in models.items()}
             train_rounds = {}
             train, _ = time_interleaved(steps, x, args.warmup, args.repeats,
                                         sync, 'R50', train_rounds)
+            denormals = {n: denormal_gradients(m) for n, m in models.items()}
             del steps  # their optimizers' momentum buffers
             for model in models.values():
                 model.zero_grad(set_to_none=True)
             release_memory()
         lines += table(shape, batch, params, flops, latency, cpu, uncounted,
                        train, memory, latency_rounds, train_rounds)
+        if not args.no_train:
+            lines += ['Denormal gradient values after the timed steps: '
+                      + ', '.join(f'{n} {c}' for n, c in denormals.items()),
+                      '']
         lines += [f'1-min load average before / after timing: {load:.2f}'
                   f' / {os.getloadavg()[0]:.2f} (on {cores} cores)', '']
     if args.device == 'cpu':

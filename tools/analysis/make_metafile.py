@@ -22,7 +22,6 @@ table below. Weights stay null until checkpoints are published.
     python tools/analysis/make_metafile.py [--out configs/metafile.yml]
 """
 import argparse
-import contextlib
 import importlib.util
 import os
 import os.path as osp
@@ -138,26 +137,6 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@contextlib.contextmanager
-def eager_forward():
-    """Count what eager inference runs: FlopAnalyzer traces the model
-    (``torch.jit.trace``), and under tracing mmctx modules may take a
-    size-generic path meant for export (``size_generic_path``: tensor-op
-    pooling instead of ``adaptive_avg_pool2d`` etc.), which counts
-    differently. Inside this context they take their eager path."""
-    patched = []
-    for mod_name, module in list(sys.modules.items()):
-        if mod_name.startswith('mmctx.') and callable(
-                getattr(module, 'size_generic_path', None)):
-            patched.append((module, module.size_generic_path))
-            module.size_generic_path = lambda x=None: False
-    try:
-        yield
-    finally:
-        for module, original in patched:
-            module.size_generic_path = original
-
-
 def measure(name, count_flops):
     import torch
     cfg, model = build_model(name)
@@ -173,7 +152,7 @@ def measure(name, count_flops):
         bb_cfg.norm_cfg = dict(bb_cfg.norm_cfg, type='BN')
     backbone = MODELS.build(bb_cfg).eval()
     assert count_parameters(backbone) == count_parameters(model.backbone)
-    with torch.no_grad(), eager_forward():
+    with torch.no_grad():
         flops, uncounted = count_flops(backbone, torch.rand(1, 3, h, w))
     return cfg, params, int(flops), sorted(uncounted)
 

@@ -79,21 +79,6 @@ def whole_tensor(module, name):
     ], module._pretrained_slices.dim)
 
 
-def only_composes(module):
-    """Whether ``module``'s only forward hook, if any, is the composition
-    of its split tensors: code that reads its weights without calling it
-    may bypass it after :func:`compose`."""
-    return not module._forward_hooks and all(
-        hook is _compose for hook in module._forward_pre_hooks.values())
-
-
-def compose(module):
-    """What a split ``module`` does before each forward: its whole tensors
-    from the current slices (nothing for a module that is not split)."""
-    if is_split(module):
-        _compose(module, ())
-
-
 def _compose(module, inputs):
     if not module._slices_editable:
         for name in module._pretrained_slices.names:

@@ -3,7 +3,6 @@ conv3 + bn3 of every bottleneck."""
 from mmengine.registry import MODELS
 
 from .context_resnet import ContextResNet
-from .gated_bottleneck import GatedBottleneck
 
 
 @MODELS.register_module()
@@ -25,8 +24,6 @@ class PSIResNet(ContextResNet):
             patch sizes (256).
         **kwargs: Upstream ResNet arguments; ``plugins`` come after PSI.
     """
-
-    bottleneck = GatedBottleneck
 
     def __init__(self,
                  depth,

@@ -109,16 +109,12 @@ class TrainableContextMixin:
         return params
 
 
-def _stats_hook_idle(norm):
-    return norm.training or not norm.updates_stats_in_eval \
-        or norm.running_mean is None
-
-
 def _update_running_stats(norm, inputs):
     """Forward pre-hook of the BNs in context modules: under ``norm_eval``
     (eval mode while the backbone trains) update the running statistics from
     the batch before normalising with them."""
-    if _stats_hook_idle(norm):
+    if norm.training or not norm.updates_stats_in_eval \
+            or norm.running_mean is None:
         return
     x = inputs[0]
     if x.numel() // x.shape[1] < 2:
@@ -131,12 +127,10 @@ def _update_running_stats(norm, inputs):
         # information) by their average, then the usual moving average
         # takes over; statistics learnt before (a context-pretrained
         # checkpoint: num_batches_tracked is large) are blended as usual.
-        momentum = max(norm.momentum or 0.0,
-                       1.0 / float(norm.num_batches_tracked))
-        norm.running_mean.lerp_(mean.to(norm.running_mean), momentum)
-        norm.running_var.lerp_(var.to(norm.running_var), momentum)
-
-
-# Fast paths that bypass the norm's forward may do so while the hook would
-# do nothing (mmctx.models.utils.hooked).
-_update_running_stats.idle = _stats_hook_idle
+        # A tensor weight: no copy of the count to the host.
+        momentum = norm.num_batches_tracked.reciprocal().clamp(
+            min=norm.momentum or 0.0)
+        norm.running_mean.lerp_(mean.to(norm.running_mean),
+                                momentum.to(norm.running_mean))
+        norm.running_var.lerp_(var.to(norm.running_var),
+                               momentum.to(norm.running_var))
