@@ -5,6 +5,7 @@ import inspect
 import math
 
 import torch
+import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks.plugin import infer_abbr
 from mmdet.models.backbones.resnet import Bottleneck, ResNet
 from mmengine.logging import MMLogger
@@ -20,6 +21,38 @@ from .trainable_context import TrainableContextMixin
 # Prefixes under which stock checkpoints keep the backbone: mmdet / mmseg /
 # mmpretrain models save `backbone.*`; DDP-wrapped ones add `module.`.
 _BACKBONE_PREFIXES = ('module.', 'backbone.')
+
+
+class ContextBottleneck(Bottleneck):
+    """Upstream Bottleneck (same layers, plugins, ``with_cp``) whose residual
+    add makes a new tensor instead of writing over the branch's output, so
+    that full backward hooks work on every layer (with ``out += identity``
+    torch refuses them on bn3 and on the last after_conv3 plugin).
+    :meth:`forward_conv2` is where SB-ResNet joins its bias maps."""
+
+    def forward_conv2(self, x):
+        return self.conv2(x)
+
+    def forward(self, x):
+
+        def _inner_forward(x):
+            out = self.relu(self.norm1(self.conv1(x)))
+            if self.with_plugins:
+                out = self.forward_plugin(out, self.after_conv1_plugin_names)
+            out = self.relu(self.norm2(self.forward_conv2(out)))
+            if self.with_plugins:
+                out = self.forward_plugin(out, self.after_conv2_plugin_names)
+            out = self.norm3(self.conv3(out))
+            if self.with_plugins:
+                out = self.forward_plugin(out, self.after_conv3_plugin_names)
+            identity = x if self.downsample is None else self.downsample(x)
+            return out + identity
+
+        if self.with_cp and x.requires_grad:
+            out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
+        else:
+            out = _inner_forward(x)
+        return self.relu(out)
 
 
 @MODELS.register_module()
@@ -45,7 +78,7 @@ class ContextResNet(TrainableContextMixin, ResNet):
     """
 
     # The block class of the Bottleneck depths (a subclass of upstream's).
-    bottleneck = Bottleneck
+    bottleneck = ContextBottleneck
 
     arch_settings = {
         **ResNet.arch_settings,

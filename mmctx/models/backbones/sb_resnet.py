@@ -1,27 +1,32 @@
 """SB-ResNet: ResNet whose bottlenecks concatenate Spatial Bias maps to
 conv2's output (Go & Ryu, https://arxiv.org/abs/2302.12505)."""
 import torch
-import torch.utils.checkpoint as cp
 from mmcv.cnn import build_conv_layer, build_norm_layer
-from mmdet.models.backbones.resnet import Bottleneck
 from mmengine.registry import MODELS
 
 from ..spatial_bias import SpatialBias
 from ..utils import check_choice, check_int, check_positive_int, \
     check_stage_flags
-from .context_resnet import ContextResNet, check_plugin_cfg, check_plugins
+from .context_resnet import (ContextBottleneck, ContextResNet,
+                             check_plugin_cfg, check_plugins)
 from .pretrained_slices import (editable_pretrained_slices,
                                 split_pretrained_slices)
 
 
-class SBBottleneck(Bottleneck):
+class SBBottleneck(ContextBottleneck):
     """Upstream Bottleneck with a Spatial Bias branch joined to conv2's output.
 
-    The forward is upstream's with the paper's step added: the branch reads
-    conv2's input (conv1's output, before conv2's stride) and its
-    ``num_bias`` maps are concatenated to conv2's output, so bn2, the
-    after_conv2 plugins and conv3 take ``planes + num_bias`` channels. With
-    ``fusion='add'`` the maps are added instead (widths unchanged).
+    The forward is upstream's (:class:`ContextBottleneck`) with the paper's
+    step in :meth:`forward_conv2`::
+
+        out = relu(bn1(conv1(x)))
+        out = cat([conv2(out), spatial_bias(out)])  # planes + num_bias
+        out = relu(bn3(conv3(relu(bn2(out)))) + identity)
+
+    The branch reads conv2's input (conv1's output, before conv2's stride),
+    so bn2, the after_conv2 plugins and conv3 take ``planes + num_bias``
+    channels. With ``fusion='add'`` the maps are added instead (widths
+    unchanged).
 
     A plain ResNet checkpoint loads with conv3's extra input channels
     zero-padded, so the block starts as exactly the pretrained plain block;
@@ -66,31 +71,11 @@ class SBBottleneck(Bottleneck):
             self.after_conv2_plugin_names = self.make_block_plugins(
                 channels, self.after_conv2_plugins)
 
-    def forward(self, x):
-
-        def _inner_forward(x):
-            identity = x
-            out = self.relu(self.norm1(self.conv1(x)))
-            if self.with_plugins:
-                out = self.forward_plugin(out, self.after_conv1_plugin_names)
-            # Spatial Bias: the branch on conv2's input, joined to conv2's
-            # output (cat: planes + num_bias channels).
-            out = self.spatial_bias(out, self.conv2(out))
-            out = self.relu(self.norm2(out))
-            if self.with_plugins:
-                out = self.forward_plugin(out, self.after_conv2_plugin_names)
-            out = self.norm3(self.conv3(out))
-            if self.with_plugins:
-                out = self.forward_plugin(out, self.after_conv3_plugin_names)
-            if self.downsample is not None:
-                identity = self.downsample(x)
-            return out + identity
-
-        if self.with_cp and x.requires_grad:
-            out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        else:
-            out = _inner_forward(x)
-        return self.relu(out)
+    def forward_conv2(self, x):
+        """Spatial Bias: the branch reads conv2's input ``x`` and its maps
+        join conv2's output (concatenated: ``planes + num_bias`` channels
+        for bn2, ReLU and conv3)."""
+        return self.spatial_bias(x, self.conv2(x))
 
     def init_weights(self):
         # From scratch, conv3's bias columns get the same (Kaiming) init as
