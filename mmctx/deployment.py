@@ -1,13 +1,13 @@
 """Export mmctx backbones to ONNX with dynamic batch, height and width, and
 check the exported graph against PyTorch.
 
-Every context module takes a size-generic path when traced or exported (see
-:func:`mmctx.models.utils.size_generic_path`), so one exported graph serves
-every input size. :func:`export_onnx` exports through ``torch.export``
-(``dynamo=True``, the default) or the TorchScript-based exporter
-(``dynamo=False``); :func:`export_program` is the ``torch.export`` step on
-its own; :func:`verify_onnx` runs a file in onnxruntime and compares it with
-the eager model.
+The modules' one forward exports as it is: :func:`export_program` is
+``torch.export`` with dynamic batch, height and width, and one program
+serves every input size. :func:`export_onnx` writes that program to ONNX;
+ONNX has no adaptive pooling for a size known only at run time, so the
+export lowers it to two pooling matrices built from the input's size
+(:func:`adaptive_avg_pool2d_as_matmuls`). :func:`verify_onnx` runs a file in
+onnxruntime and compares it with the eager model.
 
 Only backbones are exported: a detector's or segmentor's test-time
 post-processing (mmcv's NMS op, data samples, variable box counts, resizing
@@ -21,7 +21,7 @@ import torch
 
 __all__ = ['build_backbone', 'export_program', 'export_onnx', 'verify_onnx',
            'size_oblivious', 'dynamic_shapes', 'reference_shape',
-           'input_channels']
+           'input_channels', 'adaptive_avg_pool2d_as_matmuls']
 
 INPUT_NAME = 'input'
 DYNAMIC_DIMS = {0: 'batch', 2: 'height', 3: 'width'}
@@ -156,14 +156,43 @@ def export_program(backbone, shape=(224, 224), batch=1):
                                    dynamic_shapes=dynamic_shapes())
 
 
-def export_onnx(backbone, out, shape=(224, 224), batch=1, opset=None,
-                dynamo=True, program=None):
-    """Write the backbone to ONNX file ``out`` with dynamic batch, height
-    and width, traced at ``shape``; return the output names.
+def _pool_matrix(in_size, out_size, like):
+    """(out_size, in_size) matrix of adaptive average pooling along one
+    axis: row i averages the inputs [floor(i n / m), ceil((i + 1) n / m)),
+    as ``F.adaptive_avg_pool2d`` does. ``in_size`` may be symbolic: only
+    tensor arithmetic touches it."""
+    rows = torch.arange(out_size, device=like.device)
+    start = torch.div(rows * in_size, out_size, rounding_mode='floor')
+    end = torch.div((rows + 1) * in_size + (out_size - 1), out_size,
+                    rounding_mode='floor')
+    cols = torch.arange(in_size, device=like.device)
+    inside = (cols >= start[:, None]) & (cols < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
 
-    ``dynamo=True`` exports the :func:`export_program` graph (opset 18 by
-    default; pass ``program`` to reuse one); ``dynamo=False`` uses the
-    TorchScript exporter (opset 17 by default). Either way the file's input
+
+def adaptive_avg_pool2d_as_matmuls(x, output_size):
+    """``F.adaptive_avg_pool2d(x, output_size)`` as two matrix products, for
+    graphs whose input size is symbolic (equal up to float rounding)."""
+    rows = _pool_matrix(x.shape[-2], output_size[0], x)
+    cols = _pool_matrix(x.shape[-1], output_size[1], x)
+    return rows @ x @ cols.transpose(0, 1)
+
+
+def _onnx_program(program):
+    """``program`` with adaptive average pooling lowered for ONNX."""
+    aten = torch.ops.aten
+    table = torch.export.default_decompositions()
+    table[aten._adaptive_avg_pool2d.default] = \
+        adaptive_avg_pool2d_as_matmuls
+    table[aten.adaptive_avg_pool2d.default] = adaptive_avg_pool2d_as_matmuls
+    return program.run_decompositions(table)
+
+
+def export_onnx(backbone, out, shape=(224, 224), batch=1, opset=18,
+                program=None):
+    """Write the backbone to ONNX file ``out`` with dynamic batch, height
+    and width, exported at ``shape`` through :func:`export_program` (pass
+    ``program`` to reuse one); return the output names. The file's input
     must have symbolic batch, height and width, else ValueError (no
     silently fixed size).
     """
@@ -174,19 +203,13 @@ def export_onnx(backbone, out, shape=(224, 224), batch=1, opset=None,
     with torch.no_grad():
         num_outputs = len(module(example))
     output_names = [f'out{i}' for i in range(num_outputs)]
-    if dynamo:
-        if program is None:
-            program = export_program(backbone, shape, batch)
-        torch.onnx.export(program, (example, ), out, dynamo=True,
-                          input_names=[INPUT_NAME],
-                          output_names=output_names,
-                          opset_version=opset or 18, verbose=False)
-    else:
-        axes = {name: DYNAMIC_DIMS for name in [INPUT_NAME] + output_names}
-        torch.onnx.export(module, (example, ), out, dynamo=False,
-                          input_names=[INPUT_NAME],
-                          output_names=output_names, dynamic_axes=axes,
-                          opset_version=opset or 17)
+    if program is None:
+        program = export_program(backbone, shape, batch)
+    with size_oblivious():
+        torch.onnx.export(_onnx_program(program), (example, ), out,
+                          dynamo=True, input_names=[INPUT_NAME],
+                          output_names=output_names, opset_version=opset,
+                          verbose=False)
     dims = onnx.load(out, load_external_data=False).graph.input[0] \
         .type.tensor_type.shape.dim
     fixed = [DYNAMIC_DIMS[i] for i in DYNAMIC_DIMS if not dims[i].dim_param]

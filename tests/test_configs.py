@@ -13,6 +13,7 @@ on generated data, from scratch, on CPU).
 - ``tools/dist_train.sh CONFIG 2``: a detection and a segmentation config with
   two CPU (gloo) processes.
 """
+import math
 import os
 import re
 import subprocess
@@ -491,3 +492,24 @@ def test_dist_train_two_processes(name, tmp_path, free_port):
 
 def test_shared_data_present():
     assert (TINY_COCO / 'annotations' / 'instances_train2017.json').is_file()
+
+
+# --------------------------------------------------------------------------
+# mmengine's compile=True: the Runner compiles train_step (torch.compile,
+# inductor); a shipped detection and segmentation config train with it
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize('name', ['faster_rcnn_sb_r50', 'fpn_sb_r50_ade20k'])
+def test_train_with_mmengine_compile(name, request, tmp_path):
+    cfg = load_config(name)
+    options = dict(_options(name, cfg, request), compile=True)
+    work_dir = tmp_path / name
+    rc, out = _run_tool([REPO_ROOT / 'tools' / 'train.py',
+                         config_path(name), '--work-dir', work_dir,
+                         *cli_options(options)], tmp_path / 'train.log')
+    assert rc == 0, f'tools/train.py {name} compile=True failed:\n' \
+        f'{_errors(out)}'
+    assert 'Model has been "compiled"' in out
+    assert re.search(r'(Epoch\(train\)\s*\[1\]|Iter\(train\)\s*)\[2/2\]',
+                     out), _tail(out)
+    losses = [r['loss'] for r in read_scalars(work_dir) if 'loss' in r]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

@@ -110,17 +110,6 @@ def test_torch_export_any_size(exported):
 
 
 @pytest.mark.parametrize('name', list(BACKBONES))
-def test_onnx_legacy_any_size(name, tmp_path):
-    model = build(name)
-    out = tmp_path / 'legacy.onnx'
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        export_onnx(model, str(out), shape=(REF, REF), dynamo=False)
-    for size, (diff, _) in verify_onnx(model, out, SIZES, batch=2).items():
-        assert diff <= ATOL, (name, size, diff)
-
-
-@pytest.mark.parametrize('name', list(BACKBONES))
 def test_jit_trace_at_reference_size_generalises(name):
     model = _TupleOutputs(build(name))
     with warnings.catch_warnings():
@@ -156,7 +145,7 @@ def test_export_onnx_cli_with_checkpoint(tmp_path):
     proc = subprocess.run(
         [sys.executable, 'tools/deployment/export_onnx.py', str(config),
          str(tmp_path / 'model.pth'), '--out', str(out), '--shape', '48',
-         '80', '--verify-shape', '33', '45', '--legacy'],
+         '80', '--verify-shape', '33', '45'],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert 'at 48x80: max abs diff' in proc.stdout

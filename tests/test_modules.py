@@ -140,8 +140,10 @@ def test_psi_matches_reference(feature_size, patch, grid):
     assert m.squeeze.kernel_size == (patch, patch)
     assert m.grid == (grid, grid)
     x = torch.randn(2, 48, feature_size, feature_size)
+    # (PSI squeezes the channels before its pooling, which at the reference
+    # size is the identity: the same sums in another order)
     torch.testing.assert_close(m(x), reference_psi(m, x, patch, grid),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-5, atol=5e-5)
 
 
 def test_gates_start_constant():

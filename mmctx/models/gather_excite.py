@@ -16,6 +16,28 @@ VARIANTS = ('parameter_free', 'depthwise', 'depthwise_excite')
 EXTENTS = (2, 4, 8, 'global')
 
 
+class GlobalDepthwiseConv(nn.Conv2d):
+    """GE-θ's global gather: a depthwise conv (no bias) whose kernel covers
+    the whole feature map, i.e. one dot product per channel. Built for the
+    reference map size; on another H x W the kernel is resized to H x W
+    (bilinear) and scaled by the ratio of the areas, so it still covers the
+    map and gives a map of constant value c the context it gives at the
+    reference size. At the reference size the kernel is used as it is."""
+
+    def __init__(self, channels, feature_size):
+        super().__init__(channels, channels, feature_size, groups=channels,
+                         bias=False)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        kernel = F.interpolate(self.weight, size=size, mode='bilinear',
+                               align_corners=False)
+        area = self.kernel_size[0] * self.kernel_size[1]
+        kernel = kernel * (area / (size[0] * size[1]))
+        # (B, C, 1, 1): each channel dotted with its kernel
+        return (x * kernel.view(1, -1, *size)).sum((2, 3), keepdim=True)
+
+
 @MODELS.register_module()
 class GatherExcite(BaseModule):
     """Gather-Excite: rescale a feature map by a gate from gathered context,
@@ -40,9 +62,9 @@ class GatherExcite(BaseModule):
     interpolation (``F.interpolate(size=(H, W))``, as timm does): pixel i
     takes gate cell ``floor(i * ⌈H/e⌉ / H)``, which is ``i // e`` when e
     divides H. A global gate is one value per channel. At other sizes than
-    the reference, a global depthwise gather first average-pools the map to
-    the reference size (adaptive pooling), so its kernel always covers the
-    whole map; at the reference size this is exact.
+    the reference, a global depthwise gather resizes its kernel to the map
+    (:class:`GlobalDepthwiseConv`), so the kernel always covers the whole
+    map; at the reference size it is the paper's conv.
 
     The last parametric layer starts at zero, so the gate starts as the
     constant 0.5 (``constant_gate``); a backbone starting from a plain
@@ -100,8 +122,7 @@ class GatherExcite(BaseModule):
             return
         channels = in_channels
         if extent == 'global':
-            self.gather = nn.Conv2d(
-                channels, channels, feature_size, groups=channels, bias=False)
+            self.gather = GlobalDepthwiseConv(channels, feature_size)
             self.gather_norms = nn.ModuleList(
                 [build_norm_layer(norm_cfg, channels)[1]])
         else:
@@ -141,7 +162,6 @@ class GatherExcite(BaseModule):
             return F.avg_pool2d(x, 2 * e - 1, stride=e, padding=e - 1,
                                 count_include_pad=False)
         if e == 'global':
-            x = F.adaptive_avg_pool2d(x, self.feature_size)
             return normalize(self.gather_norms[0], self.gather(x))
         for i, (conv, norm) in enumerate(zip(self.gather,
                                              self.gather_norms)):

@@ -1,11 +1,37 @@
 """Patch Spatial Interaction ("Patch Spatial Interactions for Long-Range
 Dependencies in CNNs"): squeeze-and-excitation over space."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
-from .utils import check_init_cfg, check_positive_int, check_real, check_size
+from .utils import (adaptive_avg_pool2d, check_init_cfg, check_positive_int,
+                    check_real, check_size)
+
+
+class PooledPatchConv(nn.Conv2d):
+    """PSI's squeeze: a conv C -> 1 with kernel = stride = patch p, applied
+    to the map average-pooled to the reference ``feature_size``.
+
+    Both are linear, so the channels are squeezed first, into one map per
+    offset (i, j) of the patch (a 1x1 conv), and only those p*p maps are
+    pooled; patch (a, b) sums map (i, j) at pixel (a*p + i, b*p + j). At the
+    reference size the pooling is the identity and this is the conv.
+    """
+
+    def __init__(self, in_channels, patch, feature_size):
+        super().__init__(in_channels, 1, patch, stride=patch)
+        self.feature_size = feature_size
+
+    def forward(self, x):
+        (ph, pw), (fh, fw) = self.kernel_size, self.feature_size
+        # (p*p, C, 1, 1): the kernel's channel weights at each offset
+        offsets = self.weight.permute(2, 3, 1, 0).reshape(ph * pw, -1, 1, 1)
+        maps = adaptive_avg_pool2d(F.conv2d(x, offsets), (fh, fw))
+        maps = maps.reshape(-1, ph, pw, fh // ph, ph, fw // pw, pw)
+        patches = torch.einsum('zijaibj->zab', maps)  # (B, gh, gw)
+        return patches[:, None] + self.bias.view(1, 1, 1, 1)
 
 
 @MODELS.register_module()
@@ -22,8 +48,9 @@ class PatchSpatialInteraction(BaseModule):
     in the four ResNet stages at 256 input): ``p = S / grid_size`` when S is a
     multiple of the grid, otherwise every pixel is its own patch (p = 1, grid
     S). At other input sizes the map is first average-pooled to the
-    reference size (adaptive pooling), so the grid always covers the whole
-    map and the MLP keeps its meaning; at the reference size this is exact.
+    reference size (adaptive pooling; see :class:`PooledPatchConv`), so the grid
+    always covers the whole map and the MLP keeps its meaning; at the
+    reference size this is exact.
     The patch weights go back to the input's H x W by nearest
     interpolation.
 
@@ -69,7 +96,7 @@ class PatchSpatialInteraction(BaseModule):
         self.feature_size = feature_size
         self.grid = grid
 
-        self.squeeze = nn.Conv2d(in_channels, 1, patch, stride=patch)
+        self.squeeze = PooledPatchConv(in_channels, patch, feature_size)
         self.mlp = nn.Sequential(
             nn.Linear(num_patches, hidden),
             nn.ReLU(inplace=True),
@@ -87,8 +114,8 @@ class PatchSpatialInteraction(BaseModule):
 
     def pixel_weights(self, x):
         """(B, 1, H, W): each pixel's patch weight."""
-        patches = self.squeeze(F.adaptive_avg_pool2d(x, self.feature_size))
-        weights = self.mlp(patches.flatten(1)).sigmoid()  # (B, gh * gw)
+        patches = self.squeeze(x).flatten(1)  # (B, gh * gw)
+        weights = self.mlp(patches).sigmoid()
         weights = weights.view(-1, 1, *self.grid)
         return F.interpolate(weights, size=x.shape[-2:], mode='nearest')
 

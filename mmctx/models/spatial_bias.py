@@ -7,7 +7,8 @@ from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule, constant_init
 from mmengine.registry import MODELS
 
-from .utils import (built_as_plugin, check_choice, check_init_cfg,
+from .utils import (adaptive_avg_pool2d, adaptive_max_pool2d,
+                    built_as_plugin, check_choice, check_init_cfg,
                     check_layer_cfg, check_positive_int, normalize)
 
 
@@ -93,8 +94,6 @@ class SpatialBias(BaseModule):
         self.squeeze = build_conv_layer(conv_cfg, in_channels, num_bias + 2,
                                         kernel_size=1, bias=False)
         self.norm = build_norm_layer(norm_cfg, num_bias + 2)[1]
-        self.pool = nn.AdaptiveAvgPool2d(pool_size) if pool_type == 'avg' \
-            else nn.AdaptiveMaxPool2d(pool_size)
         num_positions = pool_size * pool_size
         self.mix = nn.Conv1d(num_positions, num_positions, kernel_size=3)
         if fusion == 'add':
@@ -111,7 +110,9 @@ class SpatialBias(BaseModule):
         ``size``: (B, num_bias, *size)."""
         r = self.pool_size
         maps = F.relu(normalize(self.norm, self.squeeze(x)))
-        maps = self.pool(maps)  # (B, k + 2, r, r)
+        pool = adaptive_avg_pool2d if self.pool_type == 'avg' \
+            else adaptive_max_pool2d
+        maps = pool(maps, (r, r))  # (B, k + 2, r, r)
         # Grid positions become the Conv1d's channels; its kernel slides
         # along the k + 2 maps, so each output mixes all positions.
         maps = maps.flatten(2).transpose(1, 2)  # (B, r*r, k + 2)

@@ -1,8 +1,10 @@
 """Helpers shared by the modules: argument checks that fail at construction
-by name, and a batch-size-safe norm call."""
+by name, a batch-size-safe norm call, and adaptive pooling that compiles and
+exports at any input size."""
 import numbers
 import sys
 
+import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -144,6 +146,44 @@ def normalize(norm, x):
         return F.batch_norm(x, norm.running_mean, norm.running_var,
                             norm.weight, norm.bias, False, 0.0, norm.eps)
     return norm(x)
+
+
+def _pool_windows(in_size, out_size, like):
+    """(out_size, in_size) bool mask of adaptive pooling's windows along one
+    axis (window i covers inputs [floor(i n / m), ceil((i + 1) n / m)), as
+    in ``F.adaptive_avg_pool2d``), and each window's length. ``in_size``
+    may be symbolic: only tensor arithmetic touches it."""
+    rows = torch.arange(out_size, device=like.device)
+    start = torch.div(rows * in_size, out_size, rounding_mode='floor')
+    end = torch.div((rows + 1) * in_size + out_size - 1, out_size,
+                    rounding_mode='floor')
+    cols = torch.arange(in_size, device=like.device)
+    return (cols >= start[:, None]) & (cols < end[:, None]), end - start
+
+
+def adaptive_avg_pool2d(x, size):
+    """``F.adaptive_avg_pool2d(x, size)`` as two products with pooling
+    matrices built from x's size: exactly the identity at x's own size, and
+    one graph for every size under ``torch.compile`` and ``torch.export``
+    (inductor specialises its adaptive pooling on the input size; ONNX has
+    none for a size known at run time). Meant for maps of few channels."""
+    rows, row_len = _pool_windows(x.shape[-2], size[0], x)
+    cols, col_len = _pool_windows(x.shape[-1], size[1], x)
+    rows = rows.to(x.dtype) / row_len[:, None].to(x.dtype)  # (h, H)
+    cols = cols.to(x.dtype) / col_len[:, None].to(x.dtype)  # (w, W)
+    return rows @ x @ cols.transpose(0, 1)
+
+
+def adaptive_max_pool2d(x, size):
+    """``F.adaptive_max_pool2d(x, size)`` (values) as masked maxima over
+    each axis's windows, for the same reasons as
+    :func:`adaptive_avg_pool2d`."""
+    rows, _ = _pool_windows(x.shape[-2], size[0], x)
+    cols, _ = _pool_windows(x.shape[-1], size[1], x)
+    low = torch.finfo(x.dtype).min
+    x = torch.where(cols, x[..., None, :], low).amax(-1)  # (.., H, w)
+    x = torch.where(rows, x.transpose(-1, -2)[..., None, :], low).amax(-1)
+    return x.transpose(-1, -2)  # (.., h, w)
 
 
 def built_as_plugin(max_depth=4):

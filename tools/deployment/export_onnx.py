@@ -2,7 +2,7 @@
 dynamic batch, height and width, and check onnxruntime against PyTorch.
 
     python tools/deployment/export_onnx.py CONFIG [CHECKPOINT] --out FILE \\
-        [--shape H W] [--verify-shape H W ...] [--opset N] [--dynamo|--legacy]
+        [--shape H W] [--verify-shape H W ...] [--opset N]
 
 The backbone is built without its ImageNet ``init_cfg`` (the file need not
 exist); CHECKPOINT (a trained model's or a backbone's) is loaded with
@@ -34,13 +34,7 @@ def parse_args(argv=None):
                         default=[], metavar=('H', 'W'),
                         help='further sizes to verify (repeatable)')
     parser.add_argument('--batch', type=int, default=1)
-    parser.add_argument('--opset', type=int, default=None,
-                        help='ONNX opset (default 18 dynamo, 17 legacy)')
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument('--dynamo', dest='dynamo', action='store_true',
-                       default=True, help='torch.export-based (default)')
-    group.add_argument('--legacy', dest='dynamo', action='store_false',
-                       help='TorchScript-based exporter')
+    parser.add_argument('--opset', type=int, default=18, help='ONNX opset')
     parser.add_argument('--atol', type=float, default=1e-4)
     parser.add_argument('--rtol', type=float, default=1e-5)
     return parser.parse_args(argv)
@@ -51,10 +45,10 @@ def main(argv=None):
     shape = tuple(args.shape) if args.shape else reference_shape(args.config)
     backbone = build_backbone(args.config, args.checkpoint)
     names = export_onnx(backbone, args.out, shape=shape, batch=args.batch,
-                        opset=args.opset, dynamo=args.dynamo)
+                        opset=args.opset)
     channels = input_channels(backbone)
     print(f'exported {type(backbone).__name__} to {args.out} '
-          f'({"dynamo" if args.dynamo else "legacy"} exporter; input '
+          f'(torch.export; input '
           f'"input" [batch, {channels}, height, width] dynamic; '
           f'outputs {", ".join(names)})')
     shapes = [shape] + [tuple(s) for s in args.verify_shape]
