@@ -1,13 +1,12 @@
 """Export mmctx backbones to ONNX with dynamic batch, height and width, and
 check the exported graph against PyTorch.
 
-The modules' one forward exports as it is: :func:`export_program` is
-``torch.export`` with dynamic batch, height and width, and one program
-serves every input size. :func:`export_onnx` writes that program to ONNX;
-ONNX has no adaptive pooling for a size known only at run time, so the
-export lowers it to two pooling matrices built from the input's size
-(:func:`adaptive_avg_pool2d_as_matmuls`). :func:`verify_onnx` runs a file in
-onnxruntime and compares it with the eager model.
+The modules' one forward exports as it is (their adaptive pooling is built
+for run-time sizes, :func:`mmctx.models.utils.adaptive_avg_pool2d`):
+:func:`export_program` is ``torch.export`` with dynamic batch, height and
+width, and one program serves every input size; :func:`export_onnx` writes
+that program to ONNX; :func:`verify_onnx` runs a file in onnxruntime and
+compares it with the eager model.
 
 Only backbones are exported: a detector's or segmentor's test-time
 post-processing (mmcv's NMS op, data samples, variable box counts, resizing
@@ -21,7 +20,7 @@ import torch
 
 __all__ = ['build_backbone', 'export_program', 'export_onnx', 'verify_onnx',
            'size_oblivious', 'dynamic_shapes', 'reference_shape',
-           'input_channels', 'adaptive_avg_pool2d_as_matmuls']
+           'input_channels']
 
 INPUT_NAME = 'input'
 DYNAMIC_DIMS = {0: 'batch', 2: 'height', 3: 'width'}
@@ -156,38 +155,6 @@ def export_program(backbone, shape=(224, 224), batch=1):
                                    dynamic_shapes=dynamic_shapes())
 
 
-def _pool_matrix(in_size, out_size, like):
-    """(out_size, in_size) matrix of adaptive average pooling along one
-    axis: row i averages the inputs [floor(i n / m), ceil((i + 1) n / m)),
-    as ``F.adaptive_avg_pool2d`` does. ``in_size`` may be symbolic: only
-    tensor arithmetic touches it."""
-    rows = torch.arange(out_size, device=like.device)
-    start = torch.div(rows * in_size, out_size, rounding_mode='floor')
-    end = torch.div((rows + 1) * in_size + (out_size - 1), out_size,
-                    rounding_mode='floor')
-    cols = torch.arange(in_size, device=like.device)
-    inside = (cols >= start[:, None]) & (cols < end[:, None])
-    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
-
-
-def adaptive_avg_pool2d_as_matmuls(x, output_size):
-    """``F.adaptive_avg_pool2d(x, output_size)`` as two matrix products, for
-    graphs whose input size is symbolic (equal up to float rounding)."""
-    rows = _pool_matrix(x.shape[-2], output_size[0], x)
-    cols = _pool_matrix(x.shape[-1], output_size[1], x)
-    return rows @ x @ cols.transpose(0, 1)
-
-
-def _onnx_program(program):
-    """``program`` with adaptive average pooling lowered for ONNX."""
-    aten = torch.ops.aten
-    table = torch.export.default_decompositions()
-    table[aten._adaptive_avg_pool2d.default] = \
-        adaptive_avg_pool2d_as_matmuls
-    table[aten.adaptive_avg_pool2d.default] = adaptive_avg_pool2d_as_matmuls
-    return program.run_decompositions(table)
-
-
 def export_onnx(backbone, out, shape=(224, 224), batch=1, opset=18,
                 program=None):
     """Write the backbone to ONNX file ``out`` with dynamic batch, height
@@ -206,7 +173,7 @@ def export_onnx(backbone, out, shape=(224, 224), batch=1, opset=18,
     if program is None:
         program = export_program(backbone, shape, batch)
     with size_oblivious():
-        torch.onnx.export(_onnx_program(program), (example, ), out,
+        torch.onnx.export(program, (example, ), out,
                           dynamo=True, input_names=[INPUT_NAME],
                           output_names=output_names, opset_version=opset,
                           verbose=False)
