@@ -108,6 +108,9 @@ def size_oblivious():
     shrink to 1 -- any ResNet, stock ones included, fails for inputs below
     33 px, and a GE gather of extent 8 in stage 4 needs inputs above 256 px
     -- only because of memory-layout checks that do not change the graph.
+    The program then checks at run time what it assumed: PSI's squeeze
+    (a 1x1 conv to one map) needs maps of more than one pixel, i.e. inputs
+    of at least 33 px.
     """
     from torch.fx.experimental import _config
     if not hasattr(_config, 'backed_size_oblivious'):  # older torch

@@ -102,9 +102,13 @@ def test_onnx_dynamo_any_size(exported):
 def test_torch_export_any_size(exported):
     name, model, program, _ = exported
     module = program.module()
+    # the smallest: 1-pixel maps in stage 4 (PSI's program asks for 2+:
+    # its squeeze's 1x1 conv to one map needs an area above 1 under
+    # size-oblivious export)
+    tiny = (33, 41) if name == 'PSI' else (17, 23)
     with torch.no_grad():
-        for size in SIZES + [(17, 23)]:
-            x = inputs(size, batch=1 if size == (17, 23) else 2)
+        for size in SIZES + [tiny]:
+            x = inputs(size, batch=1 if size == tiny else 2)
             diff = max_diff(module(x), _TupleOutputs(model)(x))
             assert diff <= 1e-5, (name, size, diff)
 

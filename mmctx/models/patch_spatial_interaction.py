@@ -16,22 +16,26 @@ class PooledPatchConv(nn.Conv2d):
 
     Both are linear, so the channels are squeezed first, into one map per
     offset (i, j) of the patch (a 1x1 conv), and only those p*p maps are
-    pooled; patch (a, b) sums map (i, j) at pixel (a*p + i, b*p + j). At the
-    reference size the pooling is the identity and this is the conv.
+    pooled; patch (a, b) sums map (i, j) at pixel (a*p + i, b*p + j), a
+    conv with a fixed one-hot kernel (``offset_selector``). At the reference
+    size the pooling is the identity and this is the conv.
     """
 
     def __init__(self, in_channels, patch, feature_size):
         super().__init__(in_channels, 1, patch, stride=patch)
         self.feature_size = feature_size
+        ph, pw = self.kernel_size
+        self.register_buffer(
+            'offset_selector',
+            torch.eye(ph * pw).view(1, ph * pw, ph, pw), persistent=False)
 
     def forward(self, x):
-        (ph, pw), (fh, fw) = self.kernel_size, self.feature_size
+        (ph, pw) = self.kernel_size
         # (p*p, C, 1, 1): the kernel's channel weights at each offset
         offsets = self.weight.permute(2, 3, 1, 0).reshape(ph * pw, -1, 1, 1)
-        maps = adaptive_avg_pool2d(F.conv2d(x, offsets), (fh, fw))
-        maps = maps.reshape(-1, ph, pw, fh // ph, ph, fw // pw, pw)
-        patches = torch.einsum('zijaibj->zab', maps)  # (B, gh, gw)
-        return patches[:, None] + self.bias.view(1, 1, 1, 1)
+        maps = adaptive_avg_pool2d(F.conv2d(x, offsets), self.feature_size)
+        return F.conv2d(maps, self.offset_selector.to(maps.dtype), self.bias,
+                        stride=self.stride)
 
 
 @MODELS.register_module()

@@ -171,7 +171,14 @@ def adaptive_avg_pool2d(x, size):
     cols, col_len = _pool_windows(x.shape[-1], size[1], x)
     rows = rows.to(x.dtype) / row_len[:, None].to(x.dtype)  # (h, H)
     cols = cols.to(x.dtype) / col_len[:, None].to(x.dtype)  # (w, W)
-    return rows @ x @ cols.transpose(0, 1)
+    # Plain 2-D products over reshaped maps: matmul's batch broadcasting
+    # would make torch.export ask whether a side is 1.
+    lead, (height, width) = x.shape[:-2], x.shape[-2:]
+    x = torch.mm(x.reshape(-1, width), cols.t())  # (.. H, w)
+    x = x.view(*lead, height, size[1]).transpose(-1, -2).clone(
+        memory_format=torch.contiguous_format)  # (.. w, H)
+    x = torch.mm(x.view(-1, height), rows.t())  # (.. w, h)
+    return x.view(*lead, size[1], size[0]).transpose(-1, -2)
 
 
 def adaptive_max_pool2d(x, size):

@@ -44,10 +44,10 @@ def det_options(iters, batch):
         'train_dataloader.dataset.ann_file':
         'annotations/instances_train2017.json',
         'train_dataloader.dataset.data_prefix.img': 'train2017/',
-        'train_cfg.type': 'IterBasedTrainLoop',
-        'train_cfg.max_iters': iters,
+        # one epoch of iters * batch images (tiny_coco holds 16)
+        'train_dataloader.dataset.indices': iters * batch,
+        'train_cfg.max_epochs': 1,
         'train_cfg.val_interval': 10**6,
-        'train_cfg.max_epochs': 'None',
     }
 
 
@@ -73,7 +73,7 @@ def run_once(config, options, work_dir):
            str(REPO / 'configs' / f'{config}.py'), '--work-dir', work_dir,
            '--cfg-options', 'default_hooks.logger.interval=1',
            'default_hooks.checkpoint.interval=1000000',
-           'train_cfg.val_begin=1000000', 'val_cfg=None', 'val_dataloader=None',
+           'val_cfg=None', 'val_dataloader=None',
            'val_evaluator=None', 'test_cfg=None', 'test_dataloader=None',
            'test_evaluator=None',
            *(f'{k}={v}' for k, v in options.items())]
@@ -97,7 +97,8 @@ def main():
     p.add_argument('--iters', type=int, default=6)
     p.add_argument('--skip', type=int, default=2,
                    help='warm-up iterations dropped from each run')
-    p.add_argument('--batch', type=int, default=2)
+    p.add_argument('--batch', type=int, default=2,
+                   help='images per iteration (det: iters * batch <= 16)')
     p.add_argument('--configs', nargs='+', help='default: the task\'s plain '
                    'config first, then SB, GE, PSI')
     p.add_argument('--out', help='also write the Markdown table here')
