@@ -271,7 +271,13 @@ def main():
         flops, uncounted = {}, defaultdict(list)
         with torch.no_grad():
             for name, model in models.items():  # FLOPs per image
-                flops[name], unsupported = count_flops(model, x[:1])
+                # (counted on the unfrozen twin: the tracer cannot follow
+                # a frozen stage's split parameters, and freezing changes
+                # no FLOP)
+                twin = MODELS.build(backbone_cfg(name, 'segmentation'))
+                twin.to(device=device, memory_format=fmt).eval()
+                flops[name], unsupported = count_flops(twin, x[:1])
+                del twin
                 for op in unsupported:
                     uncounted[op].append(name)
                 release_memory()

@@ -33,14 +33,19 @@ TASKS = {
 }
 
 
-def det_options(iters, batch):
-    root = f'{DATA}/tiny_coco/'
+def _common(batch, root):
     return {
         'model.backbone.init_cfg': 'None',
         'train_dataloader.batch_size': batch,
         'train_dataloader.num_workers': 0,
         'train_dataloader.persistent_workers': 'False',
         'train_dataloader.dataset.data_root': root,
+    }
+
+
+def det_options(iters, batch):
+    return {
+        **_common(batch, f'{DATA}/tiny_coco/'),
         'train_dataloader.dataset.ann_file':
         'annotations/instances_train2017.json',
         'train_dataloader.dataset.data_prefix.img': 'train2017/',
@@ -52,13 +57,8 @@ def det_options(iters, batch):
 
 
 def seg_options(iters, batch):
-    root = f'{DATA}/ade20k_sample'
     return {
-        'model.backbone.init_cfg': 'None',
-        'train_dataloader.batch_size': batch,
-        'train_dataloader.num_workers': 0,
-        'train_dataloader.persistent_workers': 'False',
-        'train_dataloader.dataset.data_root': root,
+        **_common(batch, f'{DATA}/ade20k_sample'),
         'train_dataloader.dataset.data_prefix.img_path': 'images/validation',
         'train_dataloader.dataset.data_prefix.seg_map_path':
         'annotations/validation',
