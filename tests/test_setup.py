@@ -230,9 +230,89 @@ def test_setup_script_syntax_and_helper_use():
     script = Path(__file__).resolve().parents[1] / 'tools' / 'setup_env.sh'
     subprocess.run(['bash', '-n', str(script)], check=True)
     text = script.read_text()
-    for cmd in ('plan', 'toolkit', 'pip-toolkit-home', 'check-mmcv'):
+    for cmd in ('plan', 'toolkit', 'pip-toolkit-home', 'check-mmcv',
+                'patch-mmcv', 'check-cuda-code'):
         assert '"$HELPER" %s' % cmd in text
     assert 'FORCE_CUDA=1' in text and 'TORCH_CUDA_ARCH_LIST=$ARCH_LIST' in text
+    for tool in sorted((script.parent / 'gpu').glob('*.sh')):
+        subprocess.run(['bash', '-n', str(tool)], check=True)
+
+
+# The three lines of mmcv 2.1.0's setup.py that set the C++ standard (two for
+# g++, one for nvcc), as they are there, plus their neighbours.
+MMCV_SETUP_STD_LINES = """
+            if parse_version(torch.__version__) <= parse_version('1.12.1'):
+                extra_compile_args['cxx'] = ['-std=c++14']
+            else:
+                extra_compile_args['cxx'] = ['-std=c++17']
+            extra_compile_args['cxx'] = ['-Wall', '-std=c++17']
+        if 'nvcc' in extra_compile_args and platform.system() != 'Windows':
+            if parse_version(torch.__version__) <= parse_version('1.12.1'):
+                extra_compile_args['nvcc'] += ['-std=c++14']
+            else:
+                extra_compile_args['nvcc'] += ['-std=c++17']
+"""
+
+
+def test_cxx_standard_follows_torch(sh):
+    assert sh.cxx_standard('2.11.0+cu130') == 'c++17'
+    assert sh.cxx_standard('2.13.0') == 'c++17'
+    assert sh.cxx_standard('2.14.1') == 'c++20'
+    assert sh.cxx_standard('3.0.0a0') == 'c++20'
+    with pytest.raises(sh.SetupError, match='torch version'):
+        sh.cxx_standard('nightly')
+
+
+def test_patch_mmcv_setup_sets_the_standard_for_gcc_and_nvcc(sh):
+    text, n = sh.patch_mmcv_setup(MMCV_SETUP_STD_LINES, 'c++20')
+    assert n == 3
+    assert text.count("'-std=c++20'") == 3 and "c++17" not in text
+    assert text.count("'-std=c++14'") == 2  # the torch <= 1.12.1 branches
+    assert sh.patch_mmcv_setup(text, 'c++20') == (text, 0)  # idempotent
+    # torch < 2.14 keeps mmcv's own flags
+    assert sh.patch_mmcv_setup(MMCV_SETUP_STD_LINES, 'c++17') == (
+        MMCV_SETUP_STD_LINES, 0)
+    with pytest.raises(sh.SetupError, match='2 .* 3 expected'):
+        sh.patch_mmcv_setup(MMCV_SETUP_STD_LINES.replace(
+            "['-Wall', '-std=c++17']", "['-Wall']"), 'c++20')
+
+
+# `cuobjdump -symbols` of a library built with -gencode for sm_90 (machine
+# code) and compute_80 (PTX only), as this machine's cuobjdump prints it.
+CUOBJDUMP_SYMBOLS = """
+Fatbin elf code:
+================
+arch = sm_90
+code version = [1,8]
+host = linux
+compile_size = 64bit
+
+symbols:
+STT_OBJECT       STB_WEAK   STV_DEFAULT  U .nv.reservedSmem.offset0
+STT_FUNC         STB_GLOBAL STO_ENTRY      _Z29roi_align_forward_cuda_kernelIfEvPKT_S2_PS0_
+STT_FUNC         STB_GLOBAL STO_ENTRY      _Z8nms_cudaiifPKfPyi
+
+Fatbin ptx code:
+================
+arch = sm_80
+code version = [9,0]
+host = linux
+compile_size = 64bit
+compressed
+"""
+
+
+def test_cuda_machine_code_check(sh):
+    by_arch = sh.kernels_by_arch(CUOBJDUMP_SYMBOLS)
+    assert set(by_arch) == {'sm_90'}  # PTX is not machine code
+    assert len(by_arch['sm_90']) == 2
+    assert sh.missing_kernels(by_arch, '9.0') == []
+    assert sh.missing_kernels(by_arch, '8.0;9.0+PTX') == [
+        'sm_80: nms_cuda', 'sm_80: roi_align_forward_cuda_kernel']
+    only_nms = sh.kernels_by_arch(
+        CUOBJDUMP_SYMBOLS.replace('roi_align_forward', 'roi_pool_forward'))
+    assert sh.missing_kernels(only_nms, '9.0') == [
+        'sm_90: roi_align_forward_cuda_kernel']
 
 
 def test_parse_versions(sh):

@@ -104,20 +104,39 @@ else
     WHEEL=$(ls "$WHEEL_DIR"/mmcv-$MMCV_VERSION-$PYTAG-*.whl 2>/dev/null | head -n1 || true)
     if [[ -z "$WHEEL" ]]; then
         log "mmcv: no cached wheel in $WHEEL_DIR -> building mmcv $MMCV_VERSION with ops from source"
-        BUILD_ENV=(MMCV_WITH_OPS=1)
+        # the interpreter's bin/ first: torch builds with ninja (parallel,
+        # resumable) only if `ninja` is on PATH, and a venv's is not unless
+        # the venv is activated
+        PY_BIN=$("$PYTHON" -c 'import os, sys; print(os.path.dirname(sys.executable))')
+        BUILD_ENV=(MMCV_WITH_OPS=1 "PATH=$PY_BIN:$PATH")
         if [[ -n "$TORCH_CUDA" ]]; then
             find_cuda_toolkit
             BUILD_ENV+=(FORCE_CUDA=1 "TORCH_CUDA_ARCH_LIST=$ARCH_LIST" "CUDA_HOME=$CUDA_HOME"
-                        "PATH=$CUDA_HOME/bin:$PATH")
+                        "PATH=$PY_BIN:$CUDA_HOME/bin:$PATH")
             log "mmcv: building CPU and CUDA ops for $ARCH_LIST: much longer than the ~10 min CPU-only build, growing with the number of archs (MAX_JOBS sets the parallel jobs)"
         else
             log "mmcv: this takes ~10 minutes on 2 cores (once per torch version)"
         fi
+        # The source tree lives in the cache, so an interrupted or failed build
+        # resumes where it stopped (ninja rebuilds only what is out of date).
+        SRC_PARENT="$CACHE_ROOT/build/$CACHE_KEY"
+        SRC="$SRC_PARENT/mmcv-$MMCV_VERSION"
+        if [[ ! -f "$SRC/setup.py" ]]; then
+            mkdir -p "$SRC_PARENT"
+            "${PIP[@]}" download --no-deps --no-binary :all: --no-cache-dir \
+                -d "$SRC_PARENT" "mmcv==$MMCV_VERSION" >/dev/null \
+                || die "could not download the mmcv $MMCV_VERSION source"
+            tar -xzf "$SRC_PARENT/mmcv-$MMCV_VERSION.tar.gz" -C "$SRC_PARENT"
+        fi
+        log "mmcv: source in $SRC"
+        "$PYTHON" "$HELPER" patch-mmcv "$SRC" || die "could not patch $SRC/setup.py (above)"
         mkdir -p "$WHEEL_DIR"
         BUILD_TMP=$(mktemp -d)
+        BUILD_START=$(date +%s)
         env "${BUILD_ENV[@]}" "${PIP[@]}" wheel --no-build-isolation --no-deps --no-cache-dir \
-            -w "$BUILD_TMP" "mmcv==$MMCV_VERSION" \
-            || die "mmcv $MMCV_VERSION build failed (see the compiler output above)"
+            -w "$BUILD_TMP" "$SRC" \
+            || die "mmcv $MMCV_VERSION build failed (see the compiler output above); rerunning resumes it"
+        log "mmcv: built in $(( $(date +%s) - BUILD_START )) s"
         mv "$BUILD_TMP"/mmcv-*.whl "$WHEEL_DIR"/
         rm -rf "$BUILD_TMP"
         WHEEL=$(ls "$WHEEL_DIR"/mmcv-$MMCV_VERSION-$PYTAG-*.whl | head -n1)
@@ -131,6 +150,12 @@ else
     "${PIP[@]}" install "$WHEEL"
     mmcv_ok verbose || die "mmcv installed from $WHEEL is not acceptable (reason above); delete $WHEEL to rebuild it"
     log "mmcv: $MMCV_STATUS"
+fi
+if [[ -n "$TORCH_CUDA" ]]; then
+    # the GPU code itself: machine code of nms and roi_align for every arch
+    CODE=$(ARCH_LIST="$ARCH_LIST" "$PYTHON" "$HELPER" check-cuda-code) \
+        || die "mmcv's CUDA code is incomplete: $CODE"
+    log "mmcv: $CODE"
 fi
 
 # --- 4. the rest + mmctx (editable) ------------------------------------------

@@ -14,6 +14,8 @@ must run on Python >= 3.8.
     python tools/setup_helpers.py toolkit     # CUDA_HOME or pip packages
     python tools/setup_helpers.py pip-toolkit-home   # after the pip install
     python tools/setup_helpers.py check-mmcv  # exit 0: installed mmcv is ok
+    python tools/setup_helpers.py patch-mmcv SRC   # C++ standard for torch
+    python tools/setup_helpers.py check-cuda-code  # sm_XX code of nms etc.
 """
 import os
 import re
@@ -333,6 +335,83 @@ def find_libcudart(torch_cuda, runtime_files, site_dirs, listdir):
     return sorted(hits, key=len)[0]
 
 
+# --- patching mmcv's setup.py ------------------------------------------------------
+# mmcv 2.1.0's setup.py passes -std=c++17 to g++ and nvcc for every torch
+# newer than 1.12.1; torch 2.14's headers need C++20 (ATen.h stops with
+# "C++20 or later compatible compiler is required"). The only patch mmctx
+# applies: the standard flag, nothing in mmcv's sources.
+MMCV_STD_FLAG = "'-std=c++17'"
+MMCV_STD_FLAG_COUNT = 3  # cxx (CUDA/CPU ext), cxx (MLU/MPS ext), nvcc
+
+
+def cxx_standard(torch_version):
+    """The C++ standard torch's headers need: 'c++20' from torch 2.14 on."""
+    m = re.match(r'(\d+)\.(\d+)', torch_version)
+    if not m:
+        raise SetupError('cannot parse torch version %r' % (torch_version, ))
+    return 'c++20' if (int(m.group(1)), int(m.group(2))) >= (2, 14) \
+        else 'c++17'
+
+
+def patch_mmcv_setup(text, standard):
+    """mmcv 2.1.0's setup.py text with its '-std=c++17' flags replaced by
+    ``-std=<standard>`` -> (new_text, number of flags changed). A text
+    already patched to ``standard`` is returned as is (0 changes); one with
+    neither flag is not mmcv 2.1.0's, a SetupError."""
+    want = "'-std=%s'" % standard
+    found = text.count(MMCV_STD_FLAG)
+    if want == MMCV_STD_FLAG or (found == 0 and text.count(want)
+                                 == MMCV_STD_FLAG_COUNT):
+        return text, 0
+    if found != MMCV_STD_FLAG_COUNT:
+        raise SetupError(
+            'mmcv setup.py has %d %s flags, %d expected (mmcv %s): cannot '
+            'set the C++ standard to %s' % (found, MMCV_STD_FLAG,
+                                            MMCV_STD_FLAG_COUNT, MMCV_VERSION,
+                                            standard))
+    return text.replace(MMCV_STD_FLAG, want), found
+
+
+# --- which GPU code did the build produce? ---------------------------------------
+# Kernels whose machine code must be in mmcv/_ext*.so for every built arch:
+# the two ops every two-stage detector runs.
+REQUIRED_KERNELS = ('nms_cuda', 'roi_align_forward_cuda_kernel')
+
+
+def kernels_by_arch(cuobjdump_symbols):
+    """``cuobjdump -symbols FILE`` text -> {'sm_90': {mangled symbols}} of
+    its machine-code (ELF) sections; PTX sections are not machine code."""
+    out, arch, elf = {}, None, False
+    for line in cuobjdump_symbols.splitlines():
+        if line.startswith('Fatbin '):
+            elf, arch = line.startswith('Fatbin elf code'), None
+            continue
+        m = re.search(r'\barch = (sm_\d+a?)', line)
+        if m:
+            arch = m.group(1) if elf else None
+            if arch:
+                out.setdefault(arch, set())
+            continue
+        m = re.match(r'\s*STT_FUNC\s+\S+\s+\S+\s+(\S+)', line)
+        if m and arch:
+            out[arch].add(m.group(1))
+    return out
+
+
+def missing_kernels(by_arch, arch_list, kernels=REQUIRED_KERNELS):
+    """['sm_90: nms_cuda', ...]: the required kernels with no machine code
+    for an arch of ``arch_list`` ('9.0;8.0+PTX' -> sm_90, sm_80)."""
+    missing = []
+    for arch in split_arch_list(arch_list):
+        num = _arch_number(arch)
+        sm = 'sm_%d%d' % num
+        symbols = by_arch.get(sm, set())
+        for k in kernels:
+            if not any(k in s for s in symbols):
+                missing.append('%s: %s' % (sm, k))
+    return missing
+
+
 # --- is the installed mmcv acceptable? ----------------------------------------------
 def mmcv_verdict(torch_cuda, facts):
     """(ok, reason) for an installed mmcv, from ``facts``:
@@ -572,14 +651,72 @@ def cmd_check_mmcv():
     return 0 if ok else 1
 
 
+def cmd_patch_mmcv(src):
+    """Set mmcv's C++ standard to the one the installed torch needs."""
+    import torch
+    standard = cxx_standard(torch.__version__)
+    path = os.path.join(src, 'setup.py')
+    with open(path) as f:
+        text = f.read()
+    new, changed = patch_mmcv_setup(text, standard)
+    if changed:
+        with open(path, 'w') as f:
+            f.write(new)
+        _note('mmcv: setup.py patched: %d x -std=c++17 -> -std=%s (torch %s '
+              'needs C++20)' % (changed, standard, torch.__version__))
+    else:
+        _note('mmcv: setup.py already builds with -std=%s' % standard)
+
+
+def cmd_check_cuda_code():
+    """Exit 0 when mmcv/_ext*.so holds machine code of REQUIRED_KERNELS for
+    every arch in ARCH_LIST (the environment); prints what it found."""
+    import glob
+    import importlib.util
+    spec = importlib.util.find_spec('mmcv')
+    libs = glob.glob(os.path.join(os.path.dirname(spec.origin), '_ext*.so'))
+    if not libs:
+        raise SetupError('mmcv has no _ext*.so (built without ops?)')
+    # nvcc's toolkit may come without cuobjdump (this machine's has none);
+    # triton, a dependency of every CUDA torch on Linux, ships one
+    candidates = [os.path.join(os.environ.get('CUDA_HOME', '/usr/local/cuda'),
+                               'bin', 'cuobjdump'), shutil.which('cuobjdump')]
+    triton = importlib.util.find_spec('triton')
+    if triton is not None:
+        candidates.append(os.path.join(os.path.dirname(triton.origin),
+                                       'backends', 'nvidia', 'bin',
+                                       'cuobjdump'))
+    cuobjdump = next((c for c in candidates if c and _is_exe(c)), None)
+    if not cuobjdump:
+        raise SetupError('no cuobjdump in CUDA_HOME/bin, on PATH or in '
+                         'triton: %s' % candidates)
+    text = subprocess.run([cuobjdump, '-symbols', libs[0]],
+                          capture_output=True, text=True, check=True).stdout
+    by_arch = kernels_by_arch(text)
+    missing = missing_kernels(by_arch, os.environ['ARCH_LIST'])
+    print('%s: machine code for %s; %s' % (
+        libs[0], ', '.join('%s (%d kernels)' % (a, len(s))
+                           for a, s in sorted(by_arch.items())),
+        'missing ' + ', '.join(missing) if missing else
+        '%s present for every arch' % ' and '.join(REQUIRED_KERNELS)))
+    return 1 if missing else 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cmds = {'plan': cmd_plan, 'toolkit': cmd_toolkit,
             'pip-toolkit-home': cmd_pip_toolkit_home,
-            'check-mmcv': cmd_check_mmcv}
+            'check-mmcv': cmd_check_mmcv,
+            'check-cuda-code': cmd_check_cuda_code}
+    if len(argv) == 2 and argv[0] == 'patch-mmcv':
+        try:
+            return cmd_patch_mmcv(argv[1]) or 0
+        except SetupError as e:
+            print('[setup_env] ERROR: %s' % e, file=sys.stderr)
+            return 3
     if len(argv) != 1 or argv[0] not in cmds:
-        print('usage: setup_helpers.py {%s}' % ','.join(cmds),
-              file=sys.stderr)
+        print('usage: setup_helpers.py {%s} | patch-mmcv SRC' %
+              ','.join(cmds), file=sys.stderr)
         return 2
     try:
         return cmds[argv[0]]() or 0
