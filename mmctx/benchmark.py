@@ -114,7 +114,7 @@ class TrainingStep:
     def __init__(self, model, lr=0.01, autocast=False, forward=None):
         model.train()  # mmdet's ResNet.train() returns None
         self.model = model
-        self.forward = forward or model
+        self.forward = model if forward is None else forward
         self.targets = {}
         self.optimizer = torch.optim.SGD(
             [p for p in model.parameters() if p.requires_grad], lr=lr,

@@ -21,6 +21,12 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT / '..' / 'shared' / 'data').resolve()
 
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'gpu: runs on MMCTX_TEST_DEVICE (default cuda; skipped '
+        'without CUDA); `pytest -m gpu` in tools/gpu/check.sh')
+
 # A hook imported through the configs' custom_imports: records, per rank,
 # what the training run looked like from the inside (after resume).
 PROBE_HOOKS = '''

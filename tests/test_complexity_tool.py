@@ -57,7 +57,8 @@ def test_complexity_tool_tiny_run(run, repo_root, tmp_path):
     assert "setting: detection ({'norm_eval': True, 'frozen_stages': 1})" \
         in report
     denormals = next(line for line in report.splitlines()
-                     if line.startswith('Denormal gradient values'))
+                     if 'Denormal gradient values' in line)
+    assert denormals.startswith('Denormals flushed to zero while timing.')
     counts = denormals.split(': ', 1)[1] + ', '
     for name in NAMES:
         assert f'{name} 0, ' in counts, denormals

@@ -16,6 +16,7 @@ must run on Python >= 3.8.
     python tools/setup_helpers.py check-mmcv  # exit 0: installed mmcv is ok
     python tools/setup_helpers.py patch-mmcv SRC   # C++ standard for torch
     python tools/setup_helpers.py check-cuda-code  # sm_XX code of nms etc.
+    python tools/setup_helpers.py carry-list tools/gpu/preinstalled.txt
 """
 import os
 import re
@@ -454,6 +455,55 @@ def mmcv_verdict(torch_cuda, facts):
                                                facts['gpu_count']))
 
 
+# --- what the GPU machine lacks (tools/gpu/prepare.sh) ---------------------------
+def normalize_name(name):
+    """A distribution name as pip compares them ('Foo_bar' -> 'foo-bar')."""
+    return re.sub(r'[-_.]+', '-', name).lower()
+
+
+def requirement_closure(roots, requires, marker_ok):
+    """Every distribution ``roots`` need, transitively, roots included.
+
+    ``requires(name)`` -> that installed distribution's requirement strings
+    (``importlib.metadata.requires``; None when it is not installed);
+    ``marker_ok(requirement_string)`` -> whether it applies here (its
+    environment marker, no extras). Returns normalised names, sorted.
+    """
+    seen, todo = set(), [normalize_name(r) for r in roots]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for req in requires(name) or ():
+            if marker_ok(req):
+                todo.append(normalize_name(
+                    re.match(r'\s*([A-Za-z0-9][A-Za-z0-9._-]*)', req).group(1)))
+    return sorted(seen)
+
+
+def read_name_list(text):
+    """Names of a file like tools/gpu/preinstalled.txt (# comments)."""
+    return {normalize_name(line.split('#')[0].strip())
+            for line in text.splitlines() if line.split('#')[0].strip()}
+
+
+# A requirement that another distribution of the same modules satisfies:
+# mmcv and mmengine ask for opencv-python (GUI, ~60 MB); the headless build
+# provides the same cv2.
+SAME_MODULES = {'opencv-python': ('opencv-python-headless', )}
+
+
+def to_carry(closure, preinstalled, built_here=('mmcv', 'mmctx', 'torch')):
+    """The closure's distributions the other machine lacks (neither it nor
+    a SAME_MODULES equivalent preinstalled), less the ones built here
+    rather than downloaded."""
+    skip = set(preinstalled) | {normalize_name(n) for n in built_here}
+    skip |= {name for name, alts in SAME_MODULES.items()
+             if any(a in preinstalled for a in alts)}
+    return [n for n in closure if n not in skip]
+
+
 # --- gathering the inputs (not pure: torch, files, subprocesses) -------------
 def _torch_cuda(required=False):
     import torch
@@ -702,20 +752,46 @@ def cmd_check_cuda_code():
     return 1 if missing else 0
 
 
+def cmd_carry_list(preinstalled_file):
+    """``name==version`` of each distribution mmctx needs (transitively, in
+    this environment) that is not in ``preinstalled_file``."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    def requires(name):
+        try:
+            return metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            return None
+
+    def marker_ok(req):
+        marker = Requirement(req).marker
+        return marker is None or marker.evaluate({'extra': ''})
+
+    with open(preinstalled_file) as f:
+        preinstalled = read_name_list(f.read())
+    for name in to_carry(requirement_closure(['mmctx'], requires, marker_ok),
+                         preinstalled):
+        print('%s==%s' % (name, metadata.version(name)))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cmds = {'plan': cmd_plan, 'toolkit': cmd_toolkit,
             'pip-toolkit-home': cmd_pip_toolkit_home,
             'check-mmcv': cmd_check_mmcv,
             'check-cuda-code': cmd_check_cuda_code}
-    if len(argv) == 2 and argv[0] == 'patch-mmcv':
+    if len(argv) == 2 and argv[0] in ('patch-mmcv', 'carry-list'):
         try:
-            return cmd_patch_mmcv(argv[1]) or 0
+            return (cmd_patch_mmcv if argv[0] == 'patch-mmcv' else
+                    cmd_carry_list)(argv[1]) or 0
         except SetupError as e:
             print('[setup_env] ERROR: %s' % e, file=sys.stderr)
             return 3
     if len(argv) != 1 or argv[0] not in cmds:
-        print('usage: setup_helpers.py {%s} | patch-mmcv SRC' %
+        print('usage: setup_helpers.py {%s} | patch-mmcv SRC | carry-list '
+              'PREINSTALLED_FILE' %
               ','.join(cmds), file=sys.stderr)
         return 2
     try:

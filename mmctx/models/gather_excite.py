@@ -175,4 +175,6 @@ class GatherExcite(BaseModule):
         if self.extent != 'global':
             context = F.interpolate(context, size=x.shape[-2:],
                                     mode='nearest')
-        return x * context.sigmoid()
+        # in x's dtype: under autocast GE-θ's gather (fp32 kernel) gives a
+        # float32 context, which would make the block's output float32
+        return x * context.sigmoid().to(x.dtype)

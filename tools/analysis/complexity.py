@@ -8,7 +8,12 @@ and initialised (``init_weights()``); ``--compile`` times the
 ``torch.compile`` of each. Inference: eval mode under ``torch.no_grad()``.
 Training step (:class:`mmctx.benchmark.TrainingStep`): train mode, forward,
 a loss that keeps the outputs alive (``target_loss``), backward, SGD step;
-the report counts the denormal gradient values after the timed steps.
+on the CPU, denormal floats are flushed to zero while timing
+(``torch.set_flush_denormal``; ``--keep-denormals`` turns that off): GE's
+and PSI's gates saturate within a few SGD steps of any loss, their
+gradients underflow to denormals, which x86 CPUs compute many times slower
+and GPUs at full speed. The report counts the denormal gradient values one
+unflushed step leaves after the timed ones.
 Times are medians of ``--repeats`` timed rounds after ``--warmup`` untimed
 ones, the models interleaved (round-robin, rotating the start, R50 between
 every two) so machine noise hits all of them alike; ratios compare each run
@@ -75,6 +80,9 @@ def parse_args():
                    'classification configs (training BN) do')
     p.add_argument('--compile', action='store_true',
                    help='time torch.compile of each backbone (inductor)')
+    p.add_argument('--keep-denormals', action='store_true',
+                   help='do not flush denormal floats to zero while timing '
+                   'on the CPU')
     p.add_argument('--no-train', action='store_true',
                    help='skip the training-step time and memory columns')
     p.add_argument('--models', nargs='+',
@@ -199,6 +207,8 @@ def use_steady_heap():
 def main():
     args = parse_args()
     use_steady_heap()
+    flush = args.device == 'cpu' and not args.keep_denormals
+    torch.set_flush_denormal(flush)
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(args.threads or cores)
     if args.shape:
@@ -312,6 +322,10 @@ def main():
             train_rounds = {}
             train, _ = time_interleaved(steps, x, args.warmup, args.repeats,
                                         sync, 'R50', train_rounds)
+            torch.set_flush_denormal(False)
+            for step in steps.values():  # one step that keeps denormals
+                step(x)
+            torch.set_flush_denormal(flush)
             denormals = {n: denormal_gradients(m) for n, m in models.items()}
             del steps  # their optimizers' momentum buffers
             for model in models.values():
@@ -320,9 +334,10 @@ def main():
         lines += table(shape, batch, params, flops, latency, cpu, uncounted,
                        train, memory, latency_rounds, train_rounds)
         if not args.no_train:
-            lines += ['Denormal gradient values after the timed steps: '
-                      + ', '.join(f'{n} {c}' for n, c in denormals.items()),
-                      '']
+            lines += [('Denormals flushed to zero while timing. '
+                       if flush else '') + 'Denormal gradient values after '
+                      'one more, unflushed step: ' + ', '.join(
+                          f'{n} {c}' for n, c in denormals.items()), '']
         lines += [f'1-min load average before / after timing: {load:.2f}'
                   f' / {os.getloadavg()[0]:.2f} (on {cores} cores)', '']
     if args.device == 'cpu':
