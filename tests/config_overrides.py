@@ -32,9 +32,13 @@ DEMO_DET_CONFIGS = _names('demo_*rcnn_sb*.py')
 DEMO_SEG_CONFIGS = _names('demo_fpn*.py')
 DET_CONFIGS = [n for n in _names('*_rcnn_*.py') if not n.startswith('demo_')]
 SEG_CONFIGS = _names('fpn_*_ade20k.py')
+# dilated ResNet (mmseg's ResNetV1c settings, contract_dilation), upstream's
+# own recipe
+DILATED_SEG_CONFIGS = _names('pspnet_*_ade20k.py')
 IMAGENET_CONFIGS = _names('imagenet_*.py')
 CIFAR_CONFIGS = _names('cifar100_*.py')
-ALL_CONFIGS = sorted(DET_CONFIGS + SEG_CONFIGS + IMAGENET_CONFIGS +
+ALL_CONFIGS = sorted(DET_CONFIGS + SEG_CONFIGS + DILATED_SEG_CONFIGS +
+                     IMAGENET_CONFIGS +
                      CIFAR_CONFIGS + DEMO_DET_CONFIGS + DEMO_SEG_CONFIGS)
 
 DATALOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')

@@ -24,14 +24,16 @@ import pytest
 import torch
 
 from config_overrides import (ALL_CONFIGS, CIFAR_CONFIGS, DEMO_DET_CONFIGS,
-                              DEMO_SEG_CONFIGS, DET_CONFIGS, IMAGENET_CONFIGS,
+                              DEMO_SEG_CONFIGS, DET_CONFIGS,
+                              DILATED_SEG_CONFIGS, IMAGENET_CONFIGS,
                               REPO_ROOT, SEG_CONFIGS, TINY_COCO, cli_options,
                               cls_options, config_path, demo_det_options,
                               demo_seg_options, det_options, find_checkpoint,
                               iter_strings, load_config, make_cifar100,
                               make_imagenet, read_scalars, seg_options)
 
-RUN_CONFIGS = DET_CONFIGS + SEG_CONFIGS + DEMO_DET_CONFIGS + DEMO_SEG_CONFIGS
+RUN_CONFIGS = DET_CONFIGS + SEG_CONFIGS + DILATED_SEG_CONFIGS + \
+    DEMO_DET_CONFIGS + DEMO_SEG_CONFIGS
 CLS_CONFIGS = IMAGENET_CONFIGS + CIFAR_CONFIGS
 
 # parameter counts of the design brief (1000 classes), and of our CIFAR nets
@@ -50,6 +52,7 @@ PARAMS = {
 
 def _kind(name):
     for kind, names in (('det', DET_CONFIGS), ('seg', SEG_CONFIGS),
+                        ('dilated_seg', DILATED_SEG_CONFIGS),
                         ('imagenet', IMAGENET_CONFIGS),
                         ('cifar', CIFAR_CONFIGS),
                         ('demo_det', DEMO_DET_CONFIGS),
@@ -66,7 +69,8 @@ def test_every_experiment_has_a_config():
         'faster_rcnn_sb_nl_r50', 'cascade_rcnn_r50', 'cascade_rcnn_sb_r50',
         'cascade_rcnn_ge_r50', 'cascade_rcnn_psi_r50', 'fpn_r50_ade20k',
         'fpn_sb_r50_ade20k', 'fpn_ge_r50_ade20k', 'fpn_psi_r50_ade20k',
-        'demo_faster_rcnn_sb_r50', 'demo_fpn_sb_r50'
+        'demo_faster_rcnn_sb_r50', 'demo_fpn_sb_r50', 'pspnet_r50_ade20k',
+        'pspnet_sb_r50_ade20k'
     }
     expected |= {
         f'imagenet_{b}_{r}'
@@ -92,7 +96,8 @@ def test_config_recipe(name):
     # segmentation from open-mmlab's ResNet-50 V1c, by name; no other URL
     urls = {s for s in iter_strings(cfg.model.to_dict()) if '://' in s}
     expected = {'det': {'torchvision://resnet50'},
-                'seg': {'open-mmlab://resnet50_v1c'}}.get(kind, set())
+                'seg': {'open-mmlab://resnet50_v1c'},
+                'dilated_seg': {'open-mmlab://resnet50_v1c'}}.get(kind, set())
     assert urls == expected, (name, urls)  # demos train from scratch
     if expected:
         assert cfg.model.backbone.init_cfg == dict(type='Pretrained',
@@ -111,7 +116,7 @@ def test_config_recipe(name):
     backbone = cfg.model.backbone
     assert backbone.type in ('ContextResNet', 'SBResNet', 'GEResNet',
                              'PSIResNet', 'CifarResNet')
-    if kind in ('det', 'seg'):
+    if kind in ('det', 'seg', 'dilated_seg'):
         # the checkpoint is one top-level variable, used by the backbone
         assert backbone.init_cfg == dict(
             type='Pretrained', checkpoint=cfg.pretrained)
@@ -136,6 +141,17 @@ def test_config_recipe(name):
         assert cfg.model.pretrained is None
         assert backbone.deep_stem and backbone.norm_cfg.type == 'SyncBN'
         assert not backbone.norm_eval
+        assert cfg.train_dataloader.dataset.data_root == cfg.data_root
+    elif kind == 'dilated_seg':
+        # upstream mmseg's PSPNet recipe and ResNetV1c-d8 backbone
+        assert cfg.train_dataloader.batch_size == 4
+        assert cfg.auto_scale_lr.base_batch_size == 16
+        assert cfg.optim_wrapper.optimizer.type == 'SGD'
+        assert cfg.train_cfg.max_iters == 80000
+        assert cfg.model.pretrained is None
+        assert backbone.deep_stem and backbone.contract_dilation
+        assert tuple(backbone.strides) == (1, 2, 1, 1)
+        assert tuple(backbone.dilations) == (1, 1, 2, 4)
         assert cfg.train_dataloader.dataset.data_root == cfg.data_root
     elif kind == 'imagenet':
         assert not backbone.norm_eval and backbone.init_cfg is None
@@ -275,7 +291,7 @@ def _options(name, cfg, request):
     kind = _kind(name)
     if kind == 'det':
         return det_options(cfg)
-    if kind == 'seg':
+    if kind in ('seg', 'dilated_seg'):
         return seg_options(cfg)
     if kind == 'demo_det':
         return demo_det_options(cfg, request.getfixturevalue('demo_coco'))

@@ -9,7 +9,8 @@ from mmengine.registry import MODELS
 
 from .utils import (adaptive_avg_pool2d, adaptive_max_pool2d,
                     built_as_plugin, check_choice, check_init_cfg,
-                    check_layer_cfg, check_positive_int, normalize)
+                    check_layer_cfg, check_norm_channels,
+                    check_positive_int, normalize)
 
 
 @MODELS.register_module()
@@ -47,7 +48,9 @@ class SpatialBias(BaseModule):
         fusion (str): ``'concat'`` (output has ``in_channels + num_bias``
             channels) or ``'add'`` (output has ``in_channels`` channels).
         conv_cfg (dict, optional): Config of the 1x1 squeeze conv.
-        norm_cfg (dict): Config of the norm layer after the squeeze conv.
+        norm_cfg (dict): Config of the norm layer after the squeeze conv,
+            over its ``num_bias + 2`` maps: a per-channel norm (BN, SyncBN,
+            IN) or a GroupNorm whose ``num_groups`` divides them.
         init_cfg (dict, optional): Initialisation config.
     """
 
@@ -72,7 +75,7 @@ class SpatialBias(BaseModule):
         check_choice('pool_type', pool_type, ('avg', 'max'))
         check_choice('fusion', fusion, ('concat', 'add'))
         check_layer_cfg('conv_cfg', conv_cfg, optional=True)
-        check_layer_cfg('norm_cfg', norm_cfg)
+        check_norm_channels('norm_cfg', norm_cfg, num_bias + 2)
         if fusion == 'concat' and built_as_plugin():
             # A stock plugin must keep its input's channels (see
             # utils.built_as_plugin); concatenation adds num_bias of them.

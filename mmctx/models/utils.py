@@ -5,8 +5,10 @@ import numbers
 import sys
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 
 # Every check raises ValueError (also for a value of the wrong type), with a
@@ -77,9 +79,13 @@ def check_choice(name, value, choices):
         f'got {value!r}')
 
 
-def check_stage_flags(name, flags, num_stages):
+def check_stage_flags(name, flags, num_stages, default=None):
     """Return ``flags`` as a tuple; raise ValueError unless it is a tuple or
-    list of ``num_stages`` bools (``1`` or ``'yes'`` is not a flag)."""
+    list of ``num_stages`` bools (``1`` or ``'yes'`` is not a flag).
+    ``flags=None`` takes ``default(num_stages)`` (when given): defaults that
+    follow ``num_stages``."""
+    if flags is None and default is not None:
+        flags = default(num_stages)
     if not isinstance(flags, (tuple, list)) or len(flags) != num_stages \
             or not all(isinstance(f, bool) for f in flags):
         raise ValueError(
@@ -219,3 +225,52 @@ def built_as_plugin(max_depth=4):
         if frame.f_code is code:
             return True
     return False
+
+
+# --- norms of a channel count the backbone's norm_cfg was not made for --------
+# SB adds num_bias channels to conv2's output and squeezes its input to
+# num_bias + 2: a per-channel norm (BN, SyncBN, IN) takes any count; a
+# GroupNorm's groups must divide it.
+def norm_kind(name, norm_cfg):
+    """'per_channel' (BN, SyncBN, IN and their subclasses) or 'group'
+    (GroupNorm) for ``norm_cfg``; ValueError naming ``name`` otherwise."""
+    from mmengine.registry import MODELS
+    check_layer_cfg(name, norm_cfg)
+    cls = MODELS.get(norm_cfg['type'])
+    if isinstance(cls, type) and issubclass(
+            cls, (_BatchNorm, _InstanceNorm, nn.SyncBatchNorm)):
+        return 'per_channel'
+    if isinstance(cls, type) and issubclass(cls, nn.GroupNorm):
+        return 'group'
+    raise ValueError(
+        f'{name} must be a per-channel norm (BN, SyncBN, IN, ...) or a '
+        f"GroupNorm ('GN'): the context modules normalise channel counts "
+        f'the norm was not configured for; got {norm_cfg!r}')
+
+
+def check_norm_channels(name, norm_cfg, channels):
+    """ValueError naming ``name`` unless ``norm_cfg`` can normalise
+    ``channels`` channels (a GroupNorm's num_groups must divide them)."""
+    if norm_kind(name, norm_cfg) == 'group':
+        groups = norm_cfg.get('num_groups')
+        if not _is_int(groups) or groups < 1 or channels % groups:
+            raise ValueError(
+                f'{name}: GroupNorm num_groups must divide the {channels} '
+                f'channels it normalises here (e.g. num_groups=1), got '
+                f'{norm_cfg!r}')
+
+
+class ConcatNorm(nn.Module):
+    """A norm of a concatenation ``cat([a, b], 1)`` that normalises ``a``'s
+    channels with ``main`` and ``b``'s with ``extra``: SB's bn2 under
+    GroupNorm, where conv2's channels keep the backbone's GN and the bias
+    maps get a norm of their own (a GN's groups cannot span both)."""
+
+    def __init__(self, main, main_channels, extra):
+        super().__init__()
+        self.main, self.extra = main, extra
+        self.main_channels = main_channels
+
+    def forward(self, x):
+        c = self.main_channels
+        return torch.cat([self.main(x[:, :c]), self.extra(x[:, c:])], 1)

@@ -21,14 +21,15 @@ class CifarResNet(SBResNet):
         depth (int): 9n + 2 with n >= 1.
         sb (dict | None): Spatial Bias arguments, e.g.
             ``dict(num_bias=3, pool_size=6)``; None (default) for no SB.
-        stage_with_sb (tuple[bool]): Stages with SB, one flag per stage.
+        stage_with_sb (tuple[bool] | None): Stages with SB, one flag per
+            stage; None: stages 1 and 2 (the paper's), of ``num_stages``.
         **kwargs: Upstream ResNet arguments (out_indices, norm_cfg, ...).
     """
 
     def __init__(self,
                  depth,
                  sb=None,
-                 stage_with_sb=(True, True, False),
+                 stage_with_sb=None,
                  num_stages=3,
                  strides=(1, 2, 2),
                  dilations=(1, 1, 1),
@@ -44,6 +45,8 @@ class CifarResNet(SBResNet):
                 f'depth must be 9n + 2 with n >= 1 (11, 20, 38, 65, 110, '
                 f'...), got {depth!r}')
         num_stages = check_int('num_stages', num_stages, 1, 4)
+        if stage_with_sb is None:
+            stage_with_sb = tuple(i < 2 for i in range(num_stages))
         if check_bool('deep_stem', deep_stem):
             raise ValueError('deep_stem must be False for CifarResNet: its '
                              'stem is a single 3x3 conv')

@@ -86,8 +86,33 @@ class ContextResNet(TrainableContextMixin, ResNet):
         26: (Bottleneck, (2, 2, 2, 2)),
     }
 
-    def __init__(self, depth, init_cfg=None, pretrained=None, **kwargs):
+    def __init__(self,
+                 depth,
+                 init_cfg=None,
+                 pretrained=None,
+                 contract_dilation=False,
+                 multi_grid=None,
+                 **kwargs):
         self.check_depth(depth)
+        # mmseg's ResNet options (its dilated ResNetV1c configs), which
+        # mmdet's ResNet lacks: the res layers then come from mmseg
+        self.contract_dilation = check_bool('contract_dilation',
+                                            contract_dilation)
+        if multi_grid is not None:
+            num_stages = kwargs.get('num_stages', 4)
+            blocks = self.arch_settings[depth][1][num_stages - 1] \
+                if isinstance(num_stages, int) and 1 <= num_stages <= 4 \
+                else None
+            if not isinstance(multi_grid, (tuple, list)) or \
+                    len(multi_grid) != blocks or not all(
+                        isinstance(v, int) and not isinstance(v, bool)
+                        and v >= 1 for v in multi_grid):
+                raise ValueError(
+                    f'multi_grid must be None or a tuple of {blocks} positive '
+                    f'ints (one dilation per block of the last stage), got '
+                    f'{multi_grid!r}')
+            multi_grid = tuple(multi_grid)
+        self.multi_grid = multi_grid
         if pretrained is not None:
             # upstream's deprecated spelling of a Pretrained init_cfg
             if not isinstance(pretrained, str) or init_cfg is not None:
@@ -157,7 +182,8 @@ class ContextResNet(TrainableContextMixin, ResNet):
                          module)
         num_stages = resnet_kwargs.get('num_stages', 4)
         check_int('num_stages', num_stages, 1, 4)
-        flags = check_stage_flags(flags_name, flags, num_stages)
+        flags = check_stage_flags(flags_name, flags, num_stages,
+                                  default=lambda n: (True, ) * n)
         strides = resnet_kwargs.get('strides', (1, 2, 2, 2))
         check_int_tuple('strides', strides, num_stages)
         sizes = self.stage_feature_sizes(reference_input_size, strides)
@@ -187,6 +213,13 @@ class ContextResNet(TrainableContextMixin, ResNet):
     def make_res_layer(self, **kwargs):
         if kwargs['block'] is Bottleneck:
             kwargs['block'] = self.bottleneck
+        last = self.stage_of(kwargs['planes']) == self.num_stages - 1
+        multi_grid = self.multi_grid if last else None
+        if self.contract_dilation or multi_grid is not None:
+            # as mmseg's ResNet (multi_grid: its last stage only)
+            from mmseg.models.utils import ResLayer as SegResLayer
+            return SegResLayer(contract_dilation=self.contract_dilation,
+                               multi_grid=multi_grid, **kwargs)
         return super().make_res_layer(**kwargs)
 
     def train(self, mode=True):
@@ -406,6 +439,18 @@ def check_resnet_args(backbone, depth, kwargs):
     check_int('frozen_stages', args['frozen_stages'], -1, num_stages)
     check_layer_cfg('conv_cfg', args['conv_cfg'], optional=True)
     check_layer_cfg('norm_cfg', args['norm_cfg'])
+    if args['norm_cfg']['type'] == 'GN':
+        # torch would stop inside the stem with a message naming no argument
+        stem = args['stem_channels'] or args['base_channels']
+        widths = {stem, stem // 2} if args['deep_stem'] else {stem}
+        widths |= {args['base_channels'] * 2**i * e for i in range(num_stages)
+                   for e in (1, 4)}
+        groups = args['norm_cfg'].get('num_groups')
+        if not isinstance(groups, int) or groups < 1 or any(
+                w % groups for w in widths):
+            raise ValueError(
+                f'norm_cfg: GroupNorm num_groups must divide every width it '
+                f'normalises ({sorted(widths)}), got {args["norm_cfg"]!r}')
     check_layer_cfg('dcn', args['dcn'], optional=True)
     if args['dcn'] is not None:
         check_stage_flags('stage_with_dcn', args['stage_with_dcn'],

@@ -21,7 +21,8 @@ class GEResNet(ContextResNet):
             ('parameter_free' = GE-θ⁻, 'depthwise' = GE-θ,
             'depthwise_excite' = GE-θ⁺), ``extent`` (2, 4, 8, 'global'),
             ``reduction``.
-        stage_with_ge (tuple[bool]): Stages with GE (all four in the paper).
+        stage_with_ge (tuple[bool] | None): Stages with GE; None: every
+            stage of ``num_stages`` (all four in the paper).
         reference_input_size (int | tuple[int]): Input size the global
             gathers are built for (224 for ImageNet).
         **kwargs: Upstream ResNet arguments; ``plugins`` are kept and come
@@ -31,7 +32,7 @@ class GEResNet(ContextResNet):
     def __init__(self,
                  depth,
                  ge=dict(variant='parameter_free', extent='global'),
-                 stage_with_ge=(True, True, True, True),
+                 stage_with_ge=None,
                  reference_input_size=224,
                  plugins=None,
                  **kwargs):

@@ -19,7 +19,8 @@ class PSIResNet(ContextResNet):
         depth (int): 14, 26, 50, 101 or 152.
         psi (dict): :class:`mmctx.models.PatchSpatialInteraction` arguments:
             ``grid_size`` (16), ``hidden_ratio`` (0.5).
-        stage_with_psi (tuple[bool]): Stages with PSI (all four).
+        stage_with_psi (tuple[bool] | None): Stages with PSI; None: every
+            stage of ``num_stages`` (all four).
         reference_input_size (int | tuple[int]): Input size that fixes the
             patch sizes (256).
         **kwargs: Upstream ResNet arguments; ``plugins`` come after PSI.
@@ -28,7 +29,7 @@ class PSIResNet(ContextResNet):
     def __init__(self,
                  depth,
                  psi=dict(grid_size=16, hidden_ratio=0.5),
-                 stage_with_psi=(True, True, True, True),
+                 stage_with_psi=None,
                  reference_input_size=256,
                  plugins=None,
                  **kwargs):

@@ -5,8 +5,8 @@ from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.registry import MODELS
 
 from ..spatial_bias import SpatialBias
-from ..utils import check_choice, check_int, check_positive_int, \
-    check_stage_flags
+from ..utils import (ConcatNorm, check_choice, check_int,
+                     check_positive_int, check_stage_flags, norm_kind)
 from .context_resnet import (ContextBottleneck, ContextResNet,
                              check_plugin_cfg, check_plugins)
 from .pretrained_slices import (editable_pretrained_slices,
@@ -25,8 +25,18 @@ class SBBottleneck(ContextBottleneck):
 
     The branch reads conv2's input (conv1's output, before conv2's stride),
     so bn2, the after_conv2 plugins and conv3 take ``planes + num_bias``
-    channels. With ``fusion='add'`` the maps are added instead (widths
-    unchanged).
+    channels: an ``after_conv2`` plugin sees what conv3 sees, conv2's
+    output with the bias maps. With ``fusion='add'`` the maps are added
+    instead (widths unchanged).
+
+    Norms: with a per-channel ``norm_cfg`` (BN, SyncBN, IN) bn2 is one norm
+    over the ``planes + num_bias`` channels, as in the paper. A GroupNorm's
+    groups cannot take the bias channels (67, 131, 259 channels are not 32
+    groups), so under GN conv2's channels keep the backbone's norm and the
+    bias maps get their own, ``GN(num_groups=1)``
+    (:class:`mmctx.models.utils.ConcatNorm`); the branch's own norm over
+    its ``num_bias + 2`` maps is then ``GN(num_groups=1)`` too, unless
+    ``sb['norm_cfg']`` says otherwise.
 
     A plain ResNet checkpoint loads with conv3's extra input channels
     zero-padded, so the block starts as exactly the pretrained plain block;
@@ -51,16 +61,33 @@ class SBBottleneck(ContextBottleneck):
         check_plugins(kwargs.get('plugins'), 1,
                       lambda stage: ('spatial_bias', ))
         super().__init__(inplanes, planes, **kwargs)
+        self.norm_kind = norm_kind('norm_cfg', self.norm_cfg)
         self.spatial_bias = SpatialBias(
-            planes, **dict(dict(norm_cfg=self.norm_cfg), **sb))
+            planes, **dict(dict(norm_cfg=self.branch_norm_cfg(self.norm_cfg)),
+                           **sb))
         self.num_bias = self.spatial_bias.num_bias
         if self.spatial_bias.fusion == 'concat':
             self._widen_after_conv2(self.spatial_bias.out_channels)
 
+    @staticmethod
+    def branch_norm_cfg(norm_cfg):
+        """The SB branch's default norm for a backbone's ``norm_cfg``: the
+        same per-channel norm, or GN(num_groups=1) for a GroupNorm."""
+        if norm_kind('norm_cfg', norm_cfg) == 'group':
+            return dict(norm_cfg, num_groups=1)
+        return norm_cfg
+
     def _widen_after_conv2(self, channels):
         # Rebuild what follows conv2 for the concatenated channels.
-        self.norm2_name, norm2 = build_norm_layer(
-            self.norm_cfg, channels, postfix=2)
+        if self.norm_kind == 'per_channel':
+            self.norm2_name, norm2 = build_norm_layer(
+                self.norm_cfg, channels, postfix=2)
+        else:
+            self.norm2_name, main = build_norm_layer(
+                self.norm_cfg, self.planes, postfix=2)
+            extra = build_norm_layer(self.branch_norm_cfg(self.norm_cfg),
+                                     channels - self.planes)[1]
+            norm2 = ConcatNorm(main, self.planes, extra)
         self.add_module(self.norm2_name, norm2)
         self.conv3 = build_conv_layer(
             self.conv_cfg, channels, self.planes * self.expansion,
@@ -96,12 +123,20 @@ class SBBottleneck(ContextBottleneck):
         if self.spatial_bias.fusion == 'concat':
             split_pretrained_slices(self.conv3, ('weight', 'bias'), 1,
                                     self.planes)
-            split_pretrained_slices(self.norm2, ('weight', 'bias'), 0,
-                                    self.planes)
+            if not isinstance(self.norm2, ConcatNorm):  # else: norm2.extra
+                split_pretrained_slices(self.norm2, ('weight', 'bias'), 0,
+                                        self.planes)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A plain ResNet checkpoint: pad bn2 and conv3 for the bias channels
         # (identity norm, zero conv3 inputs) so nothing is dropped.
+        if isinstance(self.norm2, ConcatNorm):
+            # a plain GN block's norm2 is this one's norm2.main
+            for name in ('weight', 'bias'):
+                key = f'{prefix}{self.norm2_name}.{name}'
+                if key in state_dict:
+                    state_dict[f'{prefix}{self.norm2_name}.main.{name}'] = \
+                        state_dict.pop(key)
         if self.spatial_bias.fusion == 'concat':
             k = self.num_bias
             padding = {
@@ -144,14 +179,16 @@ class SBResNet(ContextResNet):
         sb (dict | None): :class:`mmctx.models.SpatialBias` arguments
             (``num_bias`` k = 3, ``pool_size`` r = 10 by default; pool_type,
             fusion). None builds the plain ResNet.
-        stage_with_sb (tuple[bool]): Stages with SB, one flag per stage; the
-            paper leaves out stage 4, whose map is too small.
+        stage_with_sb (tuple[bool] | None): Stages with SB, one flag per
+            stage. None: every stage but the fourth, whose map the paper
+            finds too small -- ``(True, True, True, False)`` for the 4
+            stages of ``num_stages=4``, all of them for 1-3 stages.
     """
 
     def __init__(self,
                  depth,
                  sb=dict(num_bias=3, pool_size=10),
-                 stage_with_sb=(True, True, True, False),
+                 stage_with_sb=None,
                  **kwargs):
         num_stages = check_int('num_stages', kwargs.get('num_stages', 4), 1,
                                4)
@@ -162,7 +199,12 @@ class SBResNet(ContextResNet):
             if not isinstance(sb, dict):
                 raise ValueError(f'sb must be a dict or None, got {sb!r}')
             check_plugin_cfg('sb', sb, ('in_channels', ), SpatialBias)
-        flags = check_stage_flags('stage_with_sb', stage_with_sb, num_stages)
+            norm_cfg = kwargs.get('norm_cfg', dict(type='BN'))
+            norm_kind('norm_cfg', norm_cfg)  # one SB can widen
+            sb = dict(dict(norm_cfg=SBBottleneck.branch_norm_cfg(norm_cfg)),
+                      **sb)
+        flags = check_stage_flags('stage_with_sb', stage_with_sb, num_stages,
+                                  default=self.default_stage_with_sb)
         if sb is not None:
             # Check the values once, also when no stage takes SB.
             first = flags.index(True) if True in flags else 0
@@ -175,6 +217,10 @@ class SBResNet(ContextResNet):
         self.sb = None if sb is None else dict(sb)
         self.stage_with_sb = flags
         super().__init__(depth, **kwargs)
+
+    @staticmethod
+    def default_stage_with_sb(num_stages):
+        return tuple(i < 3 for i in range(num_stages))
 
     def reserved_block_names(self, stage):
         if self.sb is not None and self.stage_with_sb[stage]:

@@ -6,6 +6,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..gather_excite import GatherExcite
 from ..patch_spatial_interaction import PatchSpatialInteraction
 from ..spatial_bias import SpatialBias
+from ..utils import ConcatNorm
 from .pretrained_slices import (context_parameters,
                                 editable_pretrained_slices, is_split)
 
@@ -104,6 +105,8 @@ class TrainableContextMixin:
             for module in layer.modules():
                 if isinstance(module, CONTEXT_MODULES):
                     params += list(module.parameters())
+                elif isinstance(module, ConcatNorm):  # SB's bn2 under GN
+                    params += list(module.extra.parameters())
                 elif is_split(module):
                     params += context_parameters(module)
         return params
