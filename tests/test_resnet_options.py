@@ -196,3 +196,69 @@ def test_stage_flags_follow_num_stages(backbone, num_stages):
         assert with_context == [i < 3 for i in range(num_stages)]
     else:
         assert all(with_context)
+
+
+GN = dict(type='GN', num_groups=8, requires_grad=True)
+
+
+def test_sb_under_groupnorm():
+    """conv2's channels keep the backbone's GN, the bias maps get GN(1); a
+    plain GN ResNet's weights give the plain network's output at start,
+    as a BN one does; the parameter count is BN's."""
+    from mmctx.models.utils import ConcatNorm
+    model = MODELS.build(dict(type='SBResNet', **SMALL, **SB, norm_cfg=GN))
+    block = model.layer1[0]
+    assert isinstance(block.norm2, ConcatNorm)
+    assert (block.norm2.main.num_groups, block.norm2.main.num_channels) == \
+        (8, 16)
+    assert (block.norm2.extra.num_groups, block.norm2.extra.num_channels) \
+        == (1, 3)
+    norm = block.spatial_bias.norm
+    assert (norm.num_groups, norm.num_channels) == (1, 5)
+    bn = MODELS.build(dict(type='SBResNet', **SMALL, **SB))
+    assert sum(p.numel() for p in model.parameters()) == \
+        sum(p.numel() for p in bn.parameters())
+    torch.manual_seed(1)
+    plain = MODELS.build(dict(type='mmdet.ResNet', **SMALL, norm_cfg=GN))
+    for p in plain.parameters():  # no zero-initialised residual branches
+        torch.nn.init.normal_(p, 0.0, 0.1)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(*INPUT)
+    for a, b in zip(run(model, x), run(plain, x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # frozen stages: the bias maps' norm keeps training
+    frozen = MODELS.build(dict(type='SBResNet', **SMALL, **SB, norm_cfg=GN,
+                               frozen_stages=1))
+    frozen.train()
+    trainable = {n for n, p in frozen.layer1.named_parameters()
+                 if p.requires_grad}
+    assert {'0.gn2.extra.weight', '0.gn2.extra.bias'} <= trainable
+    assert '0.gn2.main.weight' not in trainable
+
+
+@pytest.mark.parametrize('cfg,message', [
+    (dict(norm_cfg=dict(type='LN')), r'^norm_cfg must be a per-channel'),
+    (dict(norm_cfg=dict(type='GN', num_groups=3)),
+     r'^norm_cfg: GroupNorm num_groups must divide'),
+    (dict(norm_cfg=GN, sb=dict(norm_cfg=dict(type='GN', num_groups=2))),
+     r'^sb: norm_cfg: GroupNorm num_groups must divide the 5 channels'),
+])
+def test_norms_sb_cannot_use_are_refused_by_name(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        MODELS.build(dict(type='SBResNet', **SMALL, **cfg))
+
+
+def test_sb_after_conv2_plugin_sees_conv2_output_with_the_bias_maps():
+    """Upstream builds after_conv2 plugins for planes channels; in an SB
+    block they come after the concatenation, so they take planes + k."""
+    model = MODELS.build(dict(
+        type='SBResNet', **SMALL, **SB, plugins=[dict(
+            cfg=dict(type='ContextBlock', ratio=1. / 4),
+            stages=(True, False, False, False), position='after_conv2')]))
+    block = model.layer1[0]
+    plugin = getattr(block, block.after_conv2_plugin_names[0])
+    assert plugin.in_channels == 16 + 3
+    seen = []
+    plugin.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    run(model, torch.randn(*INPUT))
+    assert seen and set(seen) == {19}

@@ -631,3 +631,52 @@ def test_helper_commands_on_this_machine(sh):
     assert check.returncode == 0, check.stdout + check.stderr
     if torch.version.cuda is not None and torch.cuda.is_available():
         assert 'equal their CPU results' in check.stdout
+
+
+def test_cuda_library_headers_from_the_nvidia_wheels(sh):
+    """A toolkit with nvcc alone (this machine's /usr/local/cuda) lacks the
+    cuBLAS / cuSPARSE headers that torch's ATen/cuda headers include; the
+    CUDA torch's wheels have them (CUDA 13: nvidia/cu13/include; CUDA 12:
+    nvidia/<library>/include)."""
+    site = '/venv/site-packages'
+    cu13 = site + '/nvidia/cu13/include/'
+    files = {cu13 + h for h in sh.LIBRARY_HEADERS}
+    dirs, missing = sh.extra_include_dirs('13.0', '/usr/local/cuda', [site],
+                                          files.__contains__)
+    assert dirs == [cu13.rstrip('/')] and missing == []
+    # a full toolkit needs nothing extra
+    full = {'/usr/local/cuda/include/' + h for h in sh.LIBRARY_HEADERS}
+    assert sh.extra_include_dirs('13.0', '/usr/local/cuda', [site],
+                                 full.__contains__) == ([], [])
+    # CUDA 12 wheels: one folder per library
+    per_lib = {'%s/nvidia/%s/include/%s' % (site, lib, h)
+               for h, lib in sh.LIBRARY_HEADERS.items()}
+    dirs, missing = sh.extra_include_dirs('12.8', '/usr/local/cuda', [site],
+                                          per_lib.__contains__)
+    assert sorted(dirs) == sorted('%s/nvidia/%s/include' % (site, lib)
+                                  for lib in sh.LIBRARY_HEADERS.values())
+    # nowhere: named
+    assert sh.extra_include_dirs('13.0', '/usr/local/cuda', [site],
+                                 lambda p: False)[1] == sorted(
+                                     sh.LIBRARY_HEADERS)
+
+
+def test_carry_list_closure(sh):
+    """tools/gpu/prepare.sh carries the stack's dependencies the GPU image
+    lacks: a closure over the requirements, markers applied, minus what is
+    preinstalled (opencv-python-headless stands for opencv-python)."""
+    reqs = {'mmctx': ['mmdet==3.3.0', 'mmcv==2.1.0', 'tomli; python_version '
+                      '< "3.0"'],
+            'mmdet': ['numpy', 'pycocotools', 'terminaltables'],
+            'mmcv': ['opencv-python>=3', 'addict', 'mmengine'],
+            'mmengine': ['addict', 'termcolor'], 'pycocotools': ['numpy']}
+
+    def marker_ok(req):
+        return 'python_version < "3.0"' not in req
+
+    closure = sh.requirement_closure(['mmctx'], reqs.get, marker_ok)
+    assert 'tomli' not in closure and 'termcolor' in closure
+    pre = sh.read_name_list('# comment\nnumpy\nopencv_python_headless\n')
+    assert sh.to_carry(closure, pre) == [
+        'addict', 'mmdet', 'mmengine', 'pycocotools', 'termcolor',
+        'terminaltables']

@@ -113,6 +113,12 @@ else
             find_cuda_toolkit
             BUILD_ENV+=(FORCE_CUDA=1 "TORCH_CUDA_ARCH_LIST=$ARCH_LIST" "CUDA_HOME=$CUDA_HOME"
                         "PATH=$PY_BIN:$CUDA_HOME/bin:$PATH")
+            INCLUDES=$("$PYTHON" "$HELPER" include-dirs) || die "CUDA library headers missing (above)"
+            eval "$INCLUDES"  # EXTRA_INCLUDES
+            if [[ -n "$EXTRA_INCLUDES" ]]; then
+                # g++ reads CPATH; nvcc preprocesses with it too
+                BUILD_ENV+=("CPATH=$EXTRA_INCLUDES${CPATH:+:$CPATH}")
+            fi
             log "mmcv: building CPU and CUDA ops for $ARCH_LIST: much longer than the ~10 min CPU-only build, growing with the number of archs (MAX_JOBS sets the parallel jobs)"
         else
             log "mmcv: this takes ~10 minutes on 2 cores (once per torch version)"
@@ -133,8 +139,9 @@ else
         mkdir -p "$WHEEL_DIR"
         BUILD_TMP=$(mktemp -d)
         BUILD_START=$(date +%s)
-        env "${BUILD_ENV[@]}" "${PIP[@]}" wheel --no-build-isolation --no-deps --no-cache-dir \
-            -w "$BUILD_TMP" "$SRC" \
+        # setup.py itself, not `pip wheel`: pip deletes build/ after a
+        # failure, and with it the objects a rerun would reuse
+        (cd "$SRC" && env "${BUILD_ENV[@]}" "$PYTHON" setup.py -q bdist_wheel -d "$BUILD_TMP") \
             || die "mmcv $MMCV_VERSION build failed (see the compiler output above); rerunning resumes it"
         log "mmcv: built in $(( $(date +%s) - BUILD_START )) s"
         mv "$BUILD_TMP"/mmcv-*.whl "$WHEEL_DIR"/

@@ -16,6 +16,7 @@ must run on Python >= 3.8.
     python tools/setup_helpers.py check-mmcv  # exit 0: installed mmcv is ok
     python tools/setup_helpers.py patch-mmcv SRC   # C++ standard for torch
     python tools/setup_helpers.py check-cuda-code  # sm_XX code of nms etc.
+    python tools/setup_helpers.py include-dirs     # CUDA library headers
     python tools/setup_helpers.py carry-list tools/gpu/preinstalled.txt
 """
 import os
@@ -334,6 +335,35 @@ def find_libcudart(torch_cuda, runtime_files, site_dirs, listdir):
             ((major, torch_cuda, CUDA_RUNTIME_DIST, ', '.join(site_dirs),
               CUDA_RUNTIME_DIST) + parse_cuda_version(torch_cuda)))
     return sorted(hits, key=len)[0]
+
+
+# --- headers of the CUDA libraries --------------------------------------------------
+# mmcv's CUDA sources include torch's ATen/cuda headers, which include the
+# cuBLAS / cuSPARSE / cuSOLVER / cuRAND headers. A minimal toolkit (nvcc
+# alone, as on this project's build machine) lacks them; a CUDA torch's
+# nvidia-* wheels ship them (site-packages/nvidia/cu13/include for CUDA 13,
+# nvidia/<library>/include for CUDA 12).
+LIBRARY_HEADERS = {'cublas_v2.h': 'cublas', 'cusparse.h': 'cusparse',
+                   'cusolverDn.h': 'cusolver', 'curand.h': 'curand'}
+
+
+def extra_include_dirs(torch_cuda, toolkit_home, site_dirs, is_file):
+    """Directories to add to the include path for the library headers the
+    toolkit lacks -> (dirs, missing headers)."""
+    major = parse_cuda_version(torch_cuda)[0]
+    dirs, missing = [], []
+    for header, library in sorted(LIBRARY_HEADERS.items()):
+        if is_file(os.path.join(toolkit_home, 'include', header)):
+            continue
+        candidates = [os.path.join(d, 'nvidia', sub, 'include')
+                      for d in site_dirs
+                      for sub in ('cu%d' % major, library)]
+        found = [c for c in candidates if is_file(os.path.join(c, header))]
+        if not found:
+            missing.append(header)
+        elif found[0] not in dirs:
+            dirs.append(found[0])
+    return dirs, missing
 
 
 # --- patching mmcv's setup.py ------------------------------------------------------
@@ -694,6 +724,23 @@ def cmd_pip_toolkit_home():
     _emit(TOOLKIT_HOME=home, TOOLKIT_NVCC='%d.%d' % got)
 
 
+def cmd_include_dirs():
+    """EXTRA_INCLUDES: ':'-joined header directories the toolkit at
+    CUDA_HOME lacks (from the CUDA torch's nvidia-* wheels)."""
+    cuda = _torch_cuda(required=True)
+    dirs, missing = extra_include_dirs(cuda, os.environ['CUDA_HOME'],
+                                       _site_dirs(), os.path.isfile)
+    for d in dirs:
+        _note('cuda: library headers from %s' % d)
+    if missing:
+        raise SetupError(
+            'the CUDA library headers %s are neither in %s/include nor in '
+            'the nvidia-* wheels of this environment: install the CUDA %s '
+            'toolkit with its libraries, or reinstall the CUDA torch' %
+            (', '.join(missing), os.environ['CUDA_HOME'], cuda))
+    _emit(EXTRA_INCLUDES=':'.join(dirs))
+
+
 def cmd_check_mmcv():
     cuda = _torch_cuda()
     ok, reason = mmcv_verdict(cuda, collect_mmcv_facts())
@@ -781,7 +828,8 @@ def main(argv=None):
     cmds = {'plan': cmd_plan, 'toolkit': cmd_toolkit,
             'pip-toolkit-home': cmd_pip_toolkit_home,
             'check-mmcv': cmd_check_mmcv,
-            'check-cuda-code': cmd_check_cuda_code}
+            'check-cuda-code': cmd_check_cuda_code,
+            'include-dirs': cmd_include_dirs}
     if len(argv) == 2 and argv[0] in ('patch-mmcv', 'carry-list'):
         try:
             return (cmd_patch_mmcv if argv[0] == 'patch-mmcv' else

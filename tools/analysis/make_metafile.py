@@ -67,6 +67,8 @@ KINDS = {
                 ['Cascade R-CNN', 'FPN', 'RPN']),
     'fpn': ('Semantic Segmentation', 'ADE20K', 'mIoU', (512, 512),
             ['Semantic FPN']),
+    'pspnet': ('Semantic Segmentation', 'ADE20K', 'mIoU', (512, 512),
+               ['PSPNet', 'Dilated ResNet']),
     'imagenet': ('Image Classification', 'ImageNet-1k', 'Top 1 Accuracy',
                  (224, 224), []),
     'cifar100': ('Image Classification', 'CIFAR-100', 'Top 1 Accuracy',
@@ -172,7 +174,8 @@ def techniques(cfg):
     return out
 
 
-GPUS = {'faster': 2, 'cascade': 2, 'fpn': 2, 'imagenet': 8, 'cifar100': 1}
+GPUS = {'faster': 2, 'cascade': 2, 'fpn': 2, 'pspnet': 4, 'imagenet': 8,
+        'cifar100': 1}
 
 
 def model_entry(name, cfg, params, flops):

@@ -3,6 +3,8 @@ training step (or an inference pass) against plain ResNet-50, from the
 PyTorch profiler (medians over repeats), largest differences first.
 
     python tools/analysis/profile_overhead.py --models SB-R50 PSI-R50
+    python tools/analysis/profile_overhead.py --setting segmentation \
+        --shape 224x224 --batch 4
     python tools/analysis/profile_overhead.py --eval --shape 224x224 --batch 8
 """
 import argparse
@@ -15,8 +17,9 @@ from mmengine.registry import MODELS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import mmctx  # noqa: E402,F401  (registers the mmctx backbones)
-from mmctx.benchmark import (BACKBONES, TrainingStep,  # noqa: E402
-                             op_self_times, op_time_difference)
+from mmctx.benchmark import (BACKBONES, SETTINGS,  # noqa: E402
+                             TrainingStep, backbone_cfg, op_self_times,
+                             op_time_difference)
 
 
 def parse_args():
@@ -32,6 +35,10 @@ def parse_args():
                    help='profiled calls per model (median)')
     p.add_argument('--top', type=int, default=8, help='ops shown per model')
     p.add_argument('--threads', type=int, help='intra-op threads')
+    p.add_argument('--setting', choices=list(SETTINGS), default='detection',
+                   help='build the backbones as the detection configs '
+                   '(norm_eval, frozen stage 1) or the segmentation / '
+                   'classification configs (training BN) do')
     return p.parse_args()
 
 
@@ -42,11 +49,14 @@ def main():
     h, w = (int(s) for s in args.shape.lower().split('x'))
     x = torch.randn(args.batch, 3, h, w)
     mode = 'inference' if args.eval else 'training step'
+    # denormals flushed, as complexity.py times (GPUs compute them at speed)
+    torch.set_flush_denormal(True)
     print(f'# Self CPU time per op, {mode}, {h}x{w} batch {args.batch}, '
-          f'{torch.get_num_threads()} threads; median of {args.repeats}\n')
+          f'{args.setting} setting, {torch.get_num_threads()} threads; '
+          f'median of {args.repeats}; denormals flushed\n')
     times = {}
     for name in ['R50'] + args.models:
-        model = MODELS.build(BACKBONES[name])
+        model = MODELS.build(backbone_cfg(name, args.setting))
         model.init_weights()
         if args.eval:
             model.eval()
