@@ -17,7 +17,8 @@
 #   bash tools/gpu/check.sh --cpu    # CPU mode, what CI runs: the same steps
 #       on the CPU, tiny (tests on MMCTX_TEST_DEVICE=cpu, 2 training
 #       iterations with OptimWrapper -- AmpOptimWrapper needs a GPU --, a
-#       64x64 throughput run compiled with backend 'eager')
+#       64x64 float32 throughput run, compiled with backend 'eager': CPUs
+#       run bfloat16 convolutions slowly)
 #
 # Environment: BUNDLE (work_dirs/gpu_bundle), OUT (work_dirs/gpu_check),
 # CHECK_SECONDS (570: the throughput step gets what the others leave),
@@ -124,7 +125,7 @@ if [[ $MODE == gpu ]]; then
         --device cuda --budget $(( LEFT - 100 > 0 ? LEFT - 100 : 0 )) --out "$OUT/throughput.md"
 else
     step throughput "$PYTHON" tools/analysis/throughput.py --device cpu \
-        --size 64x64x2 --models R50 SB-R50 \
+        --size 64x64x2 --models R50 SB-R50 --precisions fp32 \
         --warmup 1 --repeats 1 --compile-backend eager --out "$OUT/throughput.md"
 fi
 
