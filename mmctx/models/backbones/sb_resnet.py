@@ -199,10 +199,9 @@ class SBResNet(ContextResNet):
             if not isinstance(sb, dict):
                 raise ValueError(f'sb must be a dict or None, got {sb!r}')
             check_plugin_cfg('sb', sb, ('in_channels', ), SpatialBias)
+            # a norm SB can widen (SBBottleneck derives the branch's from it)
             norm_cfg = kwargs.get('norm_cfg', dict(type='BN'))
-            norm_kind('norm_cfg', norm_cfg)  # one SB can widen
-            sb = dict(dict(norm_cfg=SBBottleneck.branch_norm_cfg(norm_cfg)),
-                      **sb)
+            norm_kind('norm_cfg', norm_cfg)
         flags = check_stage_flags('stage_with_sb', stage_with_sb, num_stages,
                                   default=self.default_stage_with_sb)
         if sb is not None:
@@ -211,7 +210,9 @@ class SBResNet(ContextResNet):
             base = kwargs.get('base_channels', 64)
             check_positive_int('base_channels', base)
             try:
-                SpatialBias(base * 2**first, **sb)
+                SpatialBias(base * 2**first, **dict(
+                    dict(norm_cfg=SBBottleneck.branch_norm_cfg(norm_cfg)),
+                    **sb))
             except ValueError as error:
                 raise ValueError(f'sb: {error}') from None
         self.sb = None if sb is None else dict(sb)
