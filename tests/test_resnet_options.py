@@ -1,9 +1,11 @@
 """Every upstream ResNet option with every mmctx backbone, against upstream.
 
-Each mmctx backbone (plain ContextResNet, SBResNet, GEResNet, PSIResNet) is
-built with one upstream option at a time and compared with the upstream
-ResNet built with the same option (mmdet's; mmseg's for its own options
-``contract_dilation`` and ``multi_grid``):
+Each mmctx backbone (plain ContextResNet, SBResNet, GEResNet, PSIResNet, and
+their ResNetV1c / ResNetV1d / ResNeXt versions: ContextResNeXt, SBResNeXt,
+...) is built with one upstream option at a time and compared with the
+upstream backbone of its family built with the same option (mmdet's; mmseg's
+for ResNetV1c and for mmseg's own options ``contract_dilation`` and
+``multi_grid``):
 
 - structure: every upstream parameter and buffer exists under the same name
   with the same shape (SB's widened bn2 / conv3: ``num_bias`` more
@@ -27,6 +29,16 @@ GE = dict(ge=dict(variant='depthwise_excite', extent='global', reduction=4),
 PSI = dict(psi=dict(grid_size=4), reference_input_size=(80, 112))
 BACKBONES = {'ContextResNet': {}, 'SBResNet': SB, 'GEResNet': GE,
              'PSIResNet': PSI}
+# family: upstream registry of its options ('mmdet' unless only mmseg has
+# the family), the family's own arguments
+FAMILIES = {
+    'ResNet': (None, {}),
+    # (mmseg's stem_channels default is 64 whatever base_channels is)
+    'ResNetV1c': ('mmseg', dict(stem_channels=16)),
+    'ResNetV1d': (None, {}),
+    # groups x group width 4 x 8 = 32 channels in conv2 of 16 planes
+    'ResNeXt': (None, dict(groups=4, base_width=8)),
+}
 OFF = {'ContextResNet': {}, 'SBResNet': dict(stage_with_sb=(False, ) * 4),
        'GEResNet': dict(stage_with_ge=(False, ) * 4),
        'PSIResNet': dict(stage_with_psi=(False, ) * 4)}
@@ -35,6 +47,7 @@ THREE = dict(num_stages=3, strides=(1, 2, 2), dilations=(1, 1, 1),
              out_indices=(0, 1, 2))
 # (id, options, upstream): upstream 'mmdet' or 'mmseg' (its options only)
 OPTIONS = [
+    ('defaults', {}, 'mmdet'),
     ('depth-101', dict(depth=101), 'mmdet'),
     ('depth-152', dict(depth=152), 'mmdet'),
     ('num_stages-3', THREE, 'mmdet'),
@@ -69,6 +82,20 @@ OPTIONS = [
 ]
 
 
+# the options the ResNetV1c / V1d / ResNeXt families are checked with (their
+# blocks and stems are the ResNet's otherwise; deep_stem and avg_down are
+# what V1c / V1d fix)
+FAMILY_OPTIONS = ('defaults', 'style-caffe', 'frozen_stages-2', 'GN', 'dcn',
+                  'plugins', 'with_cp', 'contract_dilation')
+CASES = [(family, *option) for family in FAMILIES for option in OPTIONS
+         if family == 'ResNet' or option[0] in FAMILY_OPTIONS]
+
+
+def family_type(backbone, family):
+    """'SBResNet' in family 'ResNeXt': 'SBResNeXt'."""
+    return backbone.replace('ResNet', family)
+
+
 def layer_signature(module):
     keys = ('stride', 'dilation', 'padding', 'kernel_size', 'groups',
             'num_groups')
@@ -78,7 +105,7 @@ def layer_signature(module):
 
 def sb_widened(name, backbone, model):
     """SB's bn2 / conv3 of an SB block: upstream's + num_bias channels."""
-    if backbone != 'SBResNet':
+    if not backbone.startswith('SB'):
         return False
     block = model.get_submodule(name.rsplit('.', 2)[0]) if name.count(
         '.') >= 2 else None
@@ -93,17 +120,23 @@ def run(model, x, train=False):
 
 
 @pytest.mark.parametrize('backbone', list(BACKBONES))
-@pytest.mark.parametrize('option,options,upstream', OPTIONS,
-                         ids=[o[0] for o in OPTIONS])
-def test_upstream_option(backbone, option, options, upstream):
+@pytest.mark.parametrize('family,option,options,upstream', CASES,
+                         ids=[f'{c[0]}-{c[1]}' for c in CASES])
+def test_upstream_option(backbone, family, option, options, upstream):
     options = dict(options)
     small = dict(SMALL, **{k: options.pop(k) for k in ('depth', 'base_channels')
                            if k in options})
+    small.update({k: v for k, v in FAMILIES[family][1].items()
+                  if k not in options})
+    if family in ('ResNetV1c', 'ResNetV1d'):
+        options.pop('deep_stem', None)  # what the family sets
+    upstream = FAMILIES[family][0] or upstream
     torch.manual_seed(0)
-    ref = MODELS.build(dict(type=f'{upstream}.ResNet', **small, **options))
+    ref = MODELS.build(dict(type=f'{upstream}.{family}', **small, **options))
     torch.manual_seed(0)
     extra = dict(BACKBONES[backbone])
     num_stages = options.get('num_stages', 4)
+    kind, backbone = backbone, family_type(backbone, family)
     model = MODELS.build(dict(type=backbone, **small, **options, **extra))
     model.train()  # upstream's frozen_stages / norm_eval take effect
     ref.train()
@@ -155,7 +188,7 @@ def test_upstream_option(backbone, option, options, upstream):
     # context off, upstream's weights: upstream's outputs
     torch.manual_seed(0)
     extra_off = dict(extra, **{k: v[:num_stages]
-                               for k, v in OFF[backbone].items()})
+                               for k, v in OFF[kind].items()})
     plain = MODELS.build(dict(type=backbone, **small, **options, **extra_off))
     missing, unexpected = plain.load_state_dict(ref.state_dict(),
                                                 strict=False)

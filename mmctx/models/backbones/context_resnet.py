@@ -3,11 +3,14 @@ reference feature sizes for size-bound plugins, and loading a stock ResNet
 checkpoint so the network starts as the pretrained ResNet."""
 import inspect
 import math
+import re
 
 import torch
 import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks.plugin import infer_abbr
 from mmdet.models.backbones.resnet import Bottleneck, ResNet
+from mmdet.models.backbones.resnext import Bottleneck as XBottleneck
+from mmdet.models.backbones.resnext import ResNeXt
 from mmengine.logging import MMLogger
 from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader, load_state_dict
@@ -55,6 +58,20 @@ class ContextBottleneck(Bottleneck):
         return self.relu(out)
 
 
+class ContextXBottleneck(ContextBottleneck, XBottleneck):
+    """Upstream ResNeXt Bottleneck (conv2 grouped, ``groups`` x a width set
+    by ``base_width``) with :class:`ContextBottleneck`'s forward."""
+
+
+def bottleneck_width(planes, groups=1, base_width=4, base_channels=64):
+    """Channels of conv1's output / conv2 in a block of ``planes``: planes
+    in a ResNet, as upstream's ResNeXt Bottleneck computes them in a
+    ResNeXt."""
+    if groups == 1:
+        return planes
+    return math.floor(planes * (base_width / base_channels)) * groups
+
+
 @MODELS.register_module()
 class ContextResNet(TrainableContextMixin, ResNet):
     """Base of the mmctx ResNets, and the plain ResNet of mmctx configs (so
@@ -79,6 +96,8 @@ class ContextResNet(TrainableContextMixin, ResNet):
 
     # The block class of the Bottleneck depths (a subclass of upstream's).
     bottleneck = ContextBottleneck
+    # Arguments a variant fixes, as upstream's ResNetV1c / ResNetV1d do.
+    fixed_args = {}
 
     arch_settings = {
         **ResNet.arch_settings,
@@ -94,6 +113,14 @@ class ContextResNet(TrainableContextMixin, ResNet):
                  multi_grid=None,
                  **kwargs):
         self.check_depth(depth)
+        for key, value in self.fixed_args.items():
+            if kwargs.get(key, value) != value:
+                raise ValueError(
+                    f'{key} must be {value} in {type(self).__name__} (it is '
+                    f'what the variant sets, as upstream), got '
+                    f'{kwargs[key]!r}; for another {key} use the class '
+                    'without the V1c / V1d suffix')
+            kwargs[key] = value
         # mmseg's ResNet options (its dilated ResNetV1c configs), which
         # mmdet's ResNet lacks: the res layers then come from mmseg
         self.contract_dilation = check_bool('contract_dilation',
@@ -127,14 +154,14 @@ class ContextResNet(TrainableContextMixin, ResNet):
         # The checkpoint (a path, URL, torchvision:// or open-mmlab:// name)
         # is read by init_weights(), when training starts, never here: a
         # trained model is built, tested and served without it.
-        super().__init__(depth, init_cfg=init_cfg, **kwargs)
+        super().__init__(depth=depth, init_cfg=init_cfg, **kwargs)
 
     def check_depth(self, depth, bottleneck=False, why=''):
         """Raise ValueError naming ``depth`` and the accepted depths unless
         ``depth`` is one of them (only bottleneck depths if ``bottleneck``:
         plugins and context modules need Bottleneck blocks)."""
         depths = sorted(d for d, (block, _) in self.arch_settings.items()
-                        if block is Bottleneck or not bottleneck)
+                        if issubclass(block, Bottleneck) or not bottleneck)
         if isinstance(depth, bool) or not isinstance(depth, int) \
                 or depth not in depths:
             raise ValueError(f'depth must be one of {depths}{why}, '
@@ -190,7 +217,7 @@ class ContextResNet(TrainableContextMixin, ResNet):
         first = flags.index(True) if any(flags) else 0
         base = resnet_kwargs.get('base_channels', 64)
         check_positive_int('base_channels', base)
-        try:
+        try:  # (conv3's output: the same in a ResNeXt)
             module(in_channels=base * 2**first * Bottleneck.expansion,
                    feature_size=sizes[first], **plugin_cfg)
         except ValueError as error:
@@ -210,8 +237,14 @@ class ContextResNet(TrainableContextMixin, ResNet):
         """Stage index of a res layer, from its width (planes = base * 2^i)."""
         return int(math.log2(planes // self.base_channels))
 
+    def block_args(self):
+        """Arguments the family's blocks take besides upstream ResNet's
+        (ResNeXt: groups and base width)."""
+        return {}
+
     def make_res_layer(self, **kwargs):
-        if kwargs['block'] is Bottleneck:
+        if issubclass(self.bottleneck, kwargs['block']):
+            # upstream's Bottleneck: our subclass of it
             kwargs['block'] = self.bottleneck
         last = self.stage_of(kwargs['planes']) == self.num_stages - 1
         multi_grid = self.multi_grid if last else None
@@ -219,7 +252,8 @@ class ContextResNet(TrainableContextMixin, ResNet):
             # as mmseg's ResNet (multi_grid: its last stage only)
             from mmseg.models.utils import ResLayer as SegResLayer
             return SegResLayer(contract_dilation=self.contract_dilation,
-                               multi_grid=multi_grid, **kwargs)
+                               multi_grid=multi_grid, **kwargs,
+                               **self.block_args())
         return super().make_res_layer(**kwargs)
 
     def train(self, mode=True):
@@ -265,6 +299,7 @@ class ContextResNet(TrainableContextMixin, ResNet):
                 'or set model.backbone.init_cfg=None to train from scratch.'
             ) from err
         logger = MMLogger.get_current_instance()
+        state = mmdet_layout(state, self.state_dict())
         load_state_dict(self, state, strict=False, logger=logger)
         own = self.state_dict()
         new = [k for k in own if k not in state]
@@ -293,6 +328,33 @@ class ContextResNet(TrainableContextMixin, ResNet):
                 block.norm3.bias.div_(gain)
 
 
+@MODELS.register_module()
+class ContextResNetV1c(ContextResNet):
+    """ContextResNet with mmseg's / mmpretrain's ``ResNetV1c`` settings: the
+    deep stem (three 3x3 convs), ``avg_down=False``."""
+    fixed_args = dict(deep_stem=True, avg_down=False)
+
+
+@MODELS.register_module()
+class ContextResNetV1d(ContextResNet):
+    """ContextResNet with mmdet's / mmpretrain's ``ResNetV1d`` settings
+    (ResNet-D, Bag of Tricks): the deep stem and ``avg_down=True`` (the
+    shortcut's stride by an average pool before its 1x1 conv)."""
+    fixed_args = dict(deep_stem=True, avg_down=True)
+
+
+@MODELS.register_module()
+class ContextResNeXt(ContextResNet, ResNeXt):
+    """Upstream :class:`mmdet.models.ResNeXt` (``groups``, ``base_width``: 32
+    and 4 for X-101-32x4d) with what :class:`ContextResNet` adds."""
+    arch_settings = ResNeXt.arch_settings
+    bottleneck = ContextXBottleneck
+
+    def block_args(self):
+        return dict(groups=self.groups, base_width=self.base_width,
+                    base_channels=self.base_channels)
+
+
 def read_backbone_state(path):
     """The backbone's tensors from a checkpoint (local path, ``~`` allowed;
     http(s) URL, ``torchvision://`` or ``open-mmlab://`` name, read through
@@ -317,6 +379,34 @@ def read_backbone_state(path):
                 for k, v in state.items() if k.startswith(prefix)
             }
     return state
+
+
+def mmdet_layout(state, own):
+    """``state`` with mmpretrain's ResNetV1c / V1d keys renamed to mmdet's
+    and mmseg's, which ``own`` (the backbone's state dict) has.
+
+    mmpretrain builds the deep stem of ConvModules (``stem.0.conv.weight``,
+    ``stem.0.bn.*``; mmdet: ``stem.0.weight``, ``stem.1.*``, ReLUs between),
+    and with ``avg_down`` gives a stride-1 shortcut no average pool
+    (``downsample.0`` conv, ``.1`` norm; mmdet: ``.1``, ``.2`` after an
+    identity pool). Other layouts pass unchanged.
+    """
+    renamed = {}
+    for key, value in state.items():
+        stem = re.fullmatch(r'stem\.(\d+)\.(conv|bn)\.(.+)', key)
+        if stem and key not in own:
+            index = 3 * int(stem[1]) + (stem[2] == 'bn')
+            key = f'stem.{index}.{stem[3]}'
+        renamed[key] = value
+    for conv in [k for k in renamed if k.endswith('.downsample.0.weight')]:
+        layer = conv[:-len('0.weight')]  # e.g. 'layer1.0.downsample.'
+        if conv in own or f'{layer}2.weight' not in own:
+            continue
+        old = {k: renamed.pop(k) for k in list(renamed) if k.startswith(layer)}
+        for key, value in old.items():
+            index, rest = key[len(layer):].split('.', 1)
+            renamed[f'{layer}{int(index) + 1}.{rest}'] = value
+    return renamed
 
 
 def check_plugin_cfg(name, cfg, derived, module):
@@ -404,7 +494,14 @@ def check_plugins(plugins, num_stages, reserved=lambda stage: (),
 def check_resnet_args(backbone, depth, kwargs):
     """Check upstream ResNet's arguments by name (upstream asserts, or
     accepts and ignores, most of them)."""
-    params = inspect.signature(ResNet.__init__).parameters
+    # upstream's arguments: ResNet's, and ResNeXt's in a ResNeXt
+    params = {
+        name: param
+        for cls in reversed(type(backbone).__mro__)
+        if cls in (ResNet, ResNeXt)
+        for name, param in inspect.signature(cls.__init__).parameters.items()
+        if name not in ('self', 'kwargs')
+    }
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         accepted = {
@@ -416,13 +513,16 @@ def check_resnet_args(backbone, depth, kwargs):
         accepted = sorted(accepted - {'self', 'kwargs'})
         raise ValueError(f'{type(backbone).__name__} got unknown arguments '
                          f'{unknown}; accepted: {accepted}')
-    args = {k: p.default for k, p in params.items() if k != 'self'}
+    args = {k: p.default for k, p in params.items()}
     args.update(kwargs, depth=depth)
     num_stages = check_int('num_stages', args['num_stages'], 1, 4)
     check_positive_int('in_channels', args['in_channels'])
     if args['stem_channels'] is not None:
         check_positive_int('stem_channels', args['stem_channels'])
     check_positive_int('base_channels', args['base_channels'])
+    if 'groups' in args:  # ResNeXt
+        check_positive_int('groups', args['groups'])
+        check_positive_int('base_width', args['base_width'])
     check_int_tuple('strides', args['strides'], num_stages)
     check_int_tuple('dilations', args['dilations'], num_stages)
     out_indices = args['out_indices']
@@ -443,8 +543,12 @@ def check_resnet_args(backbone, depth, kwargs):
         # torch would stop inside the stem with a message naming no argument
         stem = args['stem_channels'] or args['base_channels']
         widths = {stem, stem // 2} if args['deep_stem'] else {stem}
-        widths |= {args['base_channels'] * 2**i * e for i in range(num_stages)
-                   for e in (1, 4)}
+        planes = [args['base_channels'] * 2**i for i in range(num_stages)]
+        widths |= {p * Bottleneck.expansion for p in planes}
+        widths |= {
+            bottleneck_width(p, args.get('groups', 1),
+                             args.get('base_width', 4), args['base_channels'])
+            for p in planes}
         groups = args['norm_cfg'].get('num_groups')
         if not isinstance(groups, int) or groups < 1 or any(
                 w % groups for w in widths):

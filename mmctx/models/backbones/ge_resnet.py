@@ -2,7 +2,8 @@
 every bottleneck (Hu et al., NeurIPS 2018)."""
 from mmengine.registry import MODELS
 
-from .context_resnet import ContextResNet
+from .context_resnet import (ContextResNet, ContextResNetV1c,
+                             ContextResNetV1d, ContextResNeXt)
 
 
 @MODELS.register_module()
@@ -43,3 +44,21 @@ class GEResNet(ContextResNet):
             raise ValueError(
                 f'plugins must be None or a list of dicts, got {plugins!r}')
         super().__init__(depth, plugins=own + list(plugins or []), **kwargs)
+
+
+@MODELS.register_module()
+class GEResNetV1c(GEResNet, ContextResNetV1c):
+    """GEResNet with ResNetV1c's deep stem (:class:`ContextResNetV1c`)."""
+
+
+@MODELS.register_module()
+class GEResNetV1d(GEResNet, ContextResNetV1d):
+    """GEResNet with ResNetV1d's deep stem and average-pool shortcuts
+    (:class:`ContextResNetV1d`)."""
+
+
+@MODELS.register_module()
+class GEResNeXt(GEResNet, ContextResNeXt):
+    """GE-ResNeXt: upstream ResNeXt (``groups``, ``base_width``) with
+    GE after conv3 (whose output is a ResNet's) in every block of the
+    stages of ``stage_with_ge``."""

@@ -2,7 +2,8 @@
 conv3 + bn3 of every bottleneck."""
 from mmengine.registry import MODELS
 
-from .context_resnet import ContextResNet
+from .context_resnet import (ContextResNet, ContextResNetV1c,
+                             ContextResNetV1d, ContextResNeXt)
 
 
 @MODELS.register_module()
@@ -40,3 +41,21 @@ class PSIResNet(ContextResNet):
             raise ValueError(
                 f'plugins must be None or a list of dicts, got {plugins!r}')
         super().__init__(depth, plugins=own + list(plugins or []), **kwargs)
+
+
+@MODELS.register_module()
+class PSIResNetV1c(PSIResNet, ContextResNetV1c):
+    """PSIResNet with ResNetV1c's deep stem (:class:`ContextResNetV1c`)."""
+
+
+@MODELS.register_module()
+class PSIResNetV1d(PSIResNet, ContextResNetV1d):
+    """PSIResNet with ResNetV1d's deep stem and average-pool shortcuts
+    (:class:`ContextResNetV1d`)."""
+
+
+@MODELS.register_module()
+class PSIResNeXt(PSIResNet, ContextResNeXt):
+    """PSI-ResNeXt: upstream ResNeXt (``groups``, ``base_width``) with
+    PSI after conv3 (whose output is a ResNet's) in every block of the
+    stages of ``stage_with_psi``."""

@@ -8,7 +8,10 @@ from ..spatial_bias import SpatialBias
 from ..utils import (ConcatNorm, check_choice, check_int,
                      check_positive_int, check_stage_flags, norm_kind)
 from .context_resnet import (ContextBottleneck, ContextResNet,
-                             check_plugin_cfg, check_plugins)
+                             ContextResNetV1c, ContextResNetV1d,
+                             ContextResNeXt, ContextXBottleneck,
+                             bottleneck_width, check_plugin_cfg,
+                             check_plugins)
 from .pretrained_slices import (editable_pretrained_slices,
                                 split_pretrained_slices)
 
@@ -20,17 +23,19 @@ class SBBottleneck(ContextBottleneck):
     step in :meth:`forward_conv2`::
 
         out = relu(bn1(conv1(x)))
-        out = cat([conv2(out), spatial_bias(out)])  # planes + num_bias
+        out = cat([conv2(out), spatial_bias(out)])  # width + num_bias
         out = relu(bn3(conv3(relu(bn2(out)))) + identity)
 
     The branch reads conv2's input (conv1's output, before conv2's stride),
-    so bn2, the after_conv2 plugins and conv3 take ``planes + num_bias``
-    channels: an ``after_conv2`` plugin sees what conv3 sees, conv2's
-    output with the bias maps. With ``fusion='add'`` the maps are added
-    instead (widths unchanged).
+    so bn2, the after_conv2 plugins and conv3 take ``width + num_bias``
+    channels, where ``width`` is conv2's (``planes`` in a ResNet; in a
+    ResNeXt, :class:`SBXBottleneck`, ``groups`` x the group width, and the
+    bias maps join the grouped conv's output whole): an ``after_conv2``
+    plugin sees what conv3 sees, conv2's output with the bias maps. With
+    ``fusion='add'`` the maps are added instead (widths unchanged).
 
     Norms: with a per-channel ``norm_cfg`` (BN, SyncBN, IN) bn2 is one norm
-    over the ``planes + num_bias`` channels, as in the paper. A GroupNorm's
+    over the ``width + num_bias`` channels, as in the paper. A GroupNorm's
     groups cannot take the bias channels (67, 131, 259 channels are not 32
     groups), so under GN conv2's channels keep the backbone's norm and the
     bias maps get their own, ``GN(num_groups=1)``
@@ -62,9 +67,10 @@ class SBBottleneck(ContextBottleneck):
                       lambda stage: ('spatial_bias', ))
         super().__init__(inplanes, planes, **kwargs)
         self.norm_kind = norm_kind('norm_cfg', self.norm_cfg)
+        self.width = self.conv2.out_channels
         self.spatial_bias = SpatialBias(
-            planes, **dict(dict(norm_cfg=self.branch_norm_cfg(self.norm_cfg)),
-                           **sb))
+            self.width,
+            **dict(dict(norm_cfg=self.branch_norm_cfg(self.norm_cfg)), **sb))
         self.num_bias = self.spatial_bias.num_bias
         if self.spatial_bias.fusion == 'concat':
             self._widen_after_conv2(self.spatial_bias.out_channels)
@@ -84,10 +90,10 @@ class SBBottleneck(ContextBottleneck):
                 self.norm_cfg, channels, postfix=2)
         else:
             self.norm2_name, main = build_norm_layer(
-                self.norm_cfg, self.planes, postfix=2)
+                self.norm_cfg, self.width, postfix=2)
             extra = build_norm_layer(self.branch_norm_cfg(self.norm_cfg),
-                                     channels - self.planes)[1]
-            norm2 = ConcatNorm(main, self.planes, extra)
+                                     channels - self.width)[1]
+            norm2 = ConcatNorm(main, self.width, extra)
         self.add_module(self.norm2_name, norm2)
         self.conv3 = build_conv_layer(
             self.conv_cfg, channels, self.planes * self.expansion,
@@ -100,7 +106,7 @@ class SBBottleneck(ContextBottleneck):
 
     def forward_conv2(self, x):
         """Spatial Bias: the branch reads conv2's input ``x`` and its maps
-        join conv2's output (concatenated: ``planes + num_bias`` channels
+        join conv2's output (concatenated: ``width + num_bias`` channels
         for bn2, ReLU and conv3)."""
         return self.spatial_bias(x, self.conv2(x))
 
@@ -122,10 +128,10 @@ class SBBottleneck(ContextBottleneck):
         :mod:`mmctx.models.backbones.pretrained_slices`)."""
         if self.spatial_bias.fusion == 'concat':
             split_pretrained_slices(self.conv3, ('weight', 'bias'), 1,
-                                    self.planes)
+                                    self.width)
             if not isinstance(self.norm2, ConcatNorm):  # else: norm2.extra
                 split_pretrained_slices(self.norm2, ('weight', 'bias'), 0,
-                                        self.planes)
+                                        self.width)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A plain ResNet checkpoint: pad bn2 and conv3 for the bias channels
@@ -152,13 +158,18 @@ class SBBottleneck(ContextBottleneck):
                 if tensor is None or tensor.dim() == 0:
                     continue
                 dim = 1 if name == 'conv3.weight' else 0
-                if tensor.shape[dim] != self.planes:
+                if tensor.shape[dim] != self.width:
                     continue
                 shape = list(tensor.shape)
                 shape[dim] = k
                 state_dict[key] = torch.cat(
                     [tensor, tensor.new_full(shape, value)], dim=dim)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class SBXBottleneck(SBBottleneck, ContextXBottleneck):
+    """:class:`SBBottleneck` in upstream's ResNeXt block: the bias maps join
+    the grouped conv2's output (``groups`` x group width channels)."""
 
 
 @MODELS.register_module()
@@ -209,8 +220,14 @@ class SBResNet(ContextResNet):
             first = flags.index(True) if True in flags else 0
             base = kwargs.get('base_channels', 64)
             check_positive_int('base_channels', base)
+            # conv2's width (ResNeXt: groups x group width)
+            width = bottleneck_width(
+                base * 2**first,
+                check_positive_int('groups', kwargs.get('groups', 1)),
+                check_positive_int('base_width', kwargs.get('base_width', 4)),
+                base)
             try:
-                SpatialBias(base * 2**first, **dict(
+                SpatialBias(width, **dict(
                     dict(norm_cfg=SBBottleneck.branch_norm_cfg(norm_cfg)),
                     **sb))
             except ValueError as error:
@@ -218,6 +235,9 @@ class SBResNet(ContextResNet):
         self.sb = None if sb is None else dict(sb)
         self.stage_with_sb = flags
         super().__init__(depth, **kwargs)
+
+    # SB's version of the family's block
+    sb_bottleneck = SBBottleneck
 
     @staticmethod
     def default_stage_with_sb(num_stages):
@@ -231,5 +251,23 @@ class SBResNet(ContextResNet):
     def make_res_layer(self, **kwargs):
         if self.sb is not None and \
                 self.stage_with_sb[self.stage_of(kwargs['planes'])]:
-            kwargs.update(block=SBBottleneck, sb=self.sb)
+            kwargs.update(block=self.sb_bottleneck, sb=self.sb)
         return super().make_res_layer(**kwargs)
+
+
+@MODELS.register_module()
+class SBResNetV1c(SBResNet, ContextResNetV1c):
+    """SBResNet with ResNetV1c's deep stem (:class:`ContextResNetV1c`)."""
+
+
+@MODELS.register_module()
+class SBResNetV1d(SBResNet, ContextResNetV1d):
+    """SBResNet with ResNetV1d's deep stem and average-pool shortcuts
+    (:class:`ContextResNetV1d`)."""
+
+
+@MODELS.register_module()
+class SBResNeXt(SBResNet, ContextResNeXt):
+    """SB-ResNeXt: upstream ResNeXt (``groups``, ``base_width``) whose blocks
+    in the stages of ``stage_with_sb`` are :class:`SBXBottleneck`."""
+    sb_bottleneck = SBXBottleneck
