@@ -30,14 +30,23 @@ def _names(pattern):
 # (configs/demo_faster_rcnn_r50.py belongs to the demo and is tested there)
 DEMO_DET_CONFIGS = _names('demo_*rcnn_sb*.py')
 DEMO_SEG_CONFIGS = _names('demo_fpn*.py')
-DET_CONFIGS = [n for n in _names('*_rcnn_*.py') if not n.startswith('demo_')]
+# upstream mmdet's recipes unchanged, the backbone changed: Mask R-CNN,
+# RetinaNet, Faster R-CNN ResNeXt
+UPSTREAM_DET_CONFIGS = _names('mask_rcnn_*.py') + _names('retinanet_*.py') + \
+    _names('faster_rcnn_*x101*.py')
+# the paper's recipe (2 GPUs x 8 images): Faster / Cascade R-CNN R50
+DET_CONFIGS = [n for n in _names('*_rcnn_*.py')
+               if not n.startswith('demo_') and n not in UPSTREAM_DET_CONFIGS]
 SEG_CONFIGS = _names('fpn_*_ade20k.py')
 # dilated ResNet (mmseg's ResNetV1c settings, contract_dilation), upstream's
 # own recipe
 DILATED_SEG_CONFIGS = _names('pspnet_*_ade20k.py')
+# UPerNet, upstream mmseg's recipe, ResNetV1c family
+UPSTREAM_SEG_CONFIGS = _names('upernet_*_ade20k.py')
 IMAGENET_CONFIGS = _names('imagenet_*.py')
 CIFAR_CONFIGS = _names('cifar100_*.py')
-ALL_CONFIGS = sorted(DET_CONFIGS + SEG_CONFIGS + DILATED_SEG_CONFIGS +
+ALL_CONFIGS = sorted(DET_CONFIGS + UPSTREAM_DET_CONFIGS + SEG_CONFIGS +
+                     DILATED_SEG_CONFIGS + UPSTREAM_SEG_CONFIGS +
                      IMAGENET_CONFIGS +
                      CIFAR_CONFIGS + DEMO_DET_CONFIGS + DEMO_SEG_CONFIGS)
 
@@ -127,10 +136,14 @@ def det_options(cfg, data_root=TINY_COCO, ann_file=COCO_ANN,
         opts['train_cfg.max_epochs'] = 1
         opts['train_cfg.val_interval'] = 1
         opts['default_hooks.checkpoint.interval'] = 1
-    opts['model.test_cfg.rcnn.score_thr'] = 0.0
-    # fewer proposals: faster on CPU, same code paths
-    opts['model.train_cfg.rpn_proposal.max_per_img'] = 256
-    opts['model.test_cfg.rpn.max_per_img'] = 100
+    if 'rcnn' in cfg.model.test_cfg:
+        opts['model.test_cfg.rcnn.score_thr'] = 0.0
+        # fewer proposals: faster on CPU, same code paths
+        opts['model.train_cfg.rpn_proposal.max_per_img'] = 256
+        opts['model.test_cfg.rpn.max_per_img'] = 100
+    else:  # one-stage (RetinaNet)
+        opts['model.test_cfg.score_thr'] = 0.0
+        opts['model.test_cfg.nms_pre'] = 100
     opts['default_hooks.logger.interval'] = 1
     return opts
 

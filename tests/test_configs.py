@@ -26,14 +26,17 @@ import torch
 from config_overrides import (ALL_CONFIGS, CIFAR_CONFIGS, DEMO_DET_CONFIGS,
                               DEMO_SEG_CONFIGS, DET_CONFIGS,
                               DILATED_SEG_CONFIGS, IMAGENET_CONFIGS,
-                              REPO_ROOT, SEG_CONFIGS, TINY_COCO, cli_options,
+                              REPO_ROOT, SEG_CONFIGS, TINY_COCO,
+                              UPSTREAM_DET_CONFIGS, UPSTREAM_SEG_CONFIGS,
+                              cli_options,
                               cls_options, config_path, demo_det_options,
                               demo_seg_options, det_options, find_checkpoint,
                               iter_strings, load_config, make_cifar100,
                               make_imagenet, read_scalars, seg_options)
 
-RUN_CONFIGS = DET_CONFIGS + SEG_CONFIGS + DILATED_SEG_CONFIGS + \
-    DEMO_DET_CONFIGS + DEMO_SEG_CONFIGS
+RUN_CONFIGS = DET_CONFIGS + UPSTREAM_DET_CONFIGS + SEG_CONFIGS + \
+    DILATED_SEG_CONFIGS + UPSTREAM_SEG_CONFIGS + DEMO_DET_CONFIGS + \
+    DEMO_SEG_CONFIGS
 CLS_CONFIGS = IMAGENET_CONFIGS + CIFAR_CONFIGS
 
 # parameter counts of the design brief (1000 classes), and of our CIFAR nets
@@ -52,7 +55,9 @@ PARAMS = {
 
 def _kind(name):
     for kind, names in (('det', DET_CONFIGS), ('seg', SEG_CONFIGS),
+                        ('upstream_det', UPSTREAM_DET_CONFIGS),
                         ('dilated_seg', DILATED_SEG_CONFIGS),
+                        ('upstream_seg', UPSTREAM_SEG_CONFIGS),
                         ('imagenet', IMAGENET_CONFIGS),
                         ('cifar', CIFAR_CONFIGS),
                         ('demo_det', DEMO_DET_CONFIGS),
@@ -70,7 +75,12 @@ def test_every_experiment_has_a_config():
         'cascade_rcnn_ge_r50', 'cascade_rcnn_psi_r50', 'fpn_r50_ade20k',
         'fpn_sb_r50_ade20k', 'fpn_ge_r50_ade20k', 'fpn_psi_r50_ade20k',
         'demo_faster_rcnn_sb_r50', 'demo_fpn_sb_r50', 'pspnet_r50_ade20k',
-        'pspnet_sb_r50_ade20k'
+        'pspnet_sb_r50_ade20k',
+        # each with its plain twin
+        'faster_rcnn_x101_32x4d', 'faster_rcnn_sb_x101_32x4d',
+        'mask_rcnn_r50', 'mask_rcnn_sb_r50', 'mask_rcnn_ge_r50',
+        'mask_rcnn_psi_r50', 'retinanet_r50', 'retinanet_sb_r50',
+        'upernet_r50_ade20k', 'upernet_sb_r50_ade20k'
     }
     expected |= {
         f'imagenet_{b}_{r}'
@@ -92,18 +102,24 @@ def test_config_recipe(name):
     text = config_path(name).read_text()
     cfg = load_config(name)
     kind = _kind(name)
-    # like upstream, detection starts from torchvision's ResNet-50 and
-    # segmentation from open-mmlab's ResNet-50 V1c, by name; no other URL
+    # like upstream, detection starts from torchvision's ResNet-50 (ResNeXt:
+    # open-mmlab's) and segmentation from open-mmlab's ResNet-50 V1c, by
+    # name; no other URL
     urls = {s for s in iter_strings(cfg.model.to_dict()) if '://' in s}
     expected = {'det': {'torchvision://resnet50'},
+                'upstream_det': {'torchvision://resnet50'},
                 'seg': {'open-mmlab://resnet50_v1c'},
-                'dilated_seg': {'open-mmlab://resnet50_v1c'}}.get(kind, set())
+                'dilated_seg': {'open-mmlab://resnet50_v1c'},
+                'upstream_seg': {'open-mmlab://resnet50_v1c'}}.get(kind, set())
+    if 'x101_32x4d' in name:
+        expected = {'open-mmlab://resnext101_32x4d'}
     assert urls == expected, (name, urls)  # demos train from scratch
     if expected:
         assert cfg.model.backbone.init_cfg == dict(type='Pretrained',
                                                    checkpoint=min(expected))
     others = {s for s in iter_strings(cfg.to_dict()) if '://' in s}
-    assert others <= {'torchvision://resnet50', 'open-mmlab://resnet50_v1c'}
+    assert others <= {'torchvision://resnet50', 'open-mmlab://resnet50_v1c',
+                      'open-mmlab://resnext101_32x4d'}
     if not name.startswith('demo_'):
         assert cfg.custom_imports == dict(
             imports=['mmctx'], allow_failed_imports=False)
@@ -115,8 +131,9 @@ def test_config_recipe(name):
     assert cfg.auto_scale_lr.enable is False
     backbone = cfg.model.backbone
     assert backbone.type in ('ContextResNet', 'SBResNet', 'GEResNet',
-                             'PSIResNet', 'CifarResNet')
-    if kind in ('det', 'seg', 'dilated_seg'):
+                             'PSIResNet', 'CifarResNet', 'ContextResNeXt',
+                             'SBResNeXt', 'ContextResNetV1c', 'SBResNetV1c')
+    if kind in ('det', 'seg', 'dilated_seg', 'upstream_det', 'upstream_seg'):
         # the checkpoint is one top-level variable, used by the backbone
         assert backbone.init_cfg == dict(
             type='Pretrained', checkpoint=cfg.pretrained)
@@ -141,6 +158,37 @@ def test_config_recipe(name):
         assert cfg.model.pretrained is None
         assert backbone.deep_stem and backbone.norm_cfg.type == 'SyncBN'
         assert not backbone.norm_eval
+        assert cfg.train_dataloader.dataset.data_root == cfg.data_root
+    elif kind == 'upstream_det':
+        # upstream mmdet's recipe: 8 GPUs x 2 images, frozen stage 1 and BN
+        upstream = {'mask': 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+                    'retinanet': 'mmdet::retinanet/retinanet_r50_fpn_1x_coco',
+                    'faster': 'mmdet::faster_rcnn/faster-rcnn_x101-32x4d_fpn'}
+        family = name.split('_')[0]
+        if not re.search(r"^_base_ = '\./", text, re.M):
+            assert upstream[family] in text, name
+        assert cfg.train_dataloader.batch_size == 2
+        assert cfg.auto_scale_lr.base_batch_size == 16
+        assert cfg.optim_wrapper.optimizer.lr == \
+            (0.01 if family == 'retinanet' else 0.02)
+        assert cfg.train_cfg.max_epochs == 12
+        assert cfg.train_dataloader.dataset.data_root == cfg.data_root
+        assert cfg.val_evaluator.ann_file.startswith(cfg.data_root)
+        assert backbone.get('norm_eval', True) and backbone.frozen_stages == 1
+        if family == 'mask':
+            assert cfg.val_evaluator.metric == ['bbox', 'segm']
+        if 'x101' in name:
+            assert (backbone.depth, backbone.groups, backbone.base_width) == \
+                (101, 32, 4)
+    elif kind == 'upstream_seg':
+        # upstream mmseg's UPerNet recipe, ResNetV1c family
+        assert cfg.train_dataloader.batch_size == 4
+        assert cfg.auto_scale_lr.base_batch_size == 16
+        assert cfg.optim_wrapper.optimizer.type == 'SGD'
+        assert cfg.train_cfg.max_iters == 80000
+        assert cfg.model.pretrained is None
+        assert backbone.type.endswith('ResNetV1c')
+        assert cfg.model.decode_head.type == 'UPerHead'
         assert cfg.train_dataloader.dataset.data_root == cfg.data_root
     elif kind == 'dilated_seg':
         # upstream mmseg's PSPNet recipe and ResNetV1c-d8 backbone
@@ -289,9 +337,9 @@ def demo_ade(tmp_path_factory):
 def _options(name, cfg, request):
     """The shrink-and-point-at-data overrides for config ``name``."""
     kind = _kind(name)
-    if kind == 'det':
+    if kind in ('det', 'upstream_det'):
         return det_options(cfg)
-    if kind in ('seg', 'dilated_seg'):
+    if kind in ('seg', 'dilated_seg', 'upstream_seg'):
         return seg_options(cfg)
     if kind == 'demo_det':
         return demo_det_options(cfg, request.getfixturevalue('demo_coco'))
@@ -432,8 +480,12 @@ def test_train_and_test_with_tools(name, tool_runs):
     assert rc == 0, f'tools/train.py {name} failed:\n{_errors(out)}'
     rc, test_out = result['test']
     assert rc == 0, f'tools/test.py {name} failed:\n{_errors(test_out)}'
-    det = name in DET_CONFIGS + DEMO_DET_CONFIGS
+    det = name in DET_CONFIGS + UPSTREAM_DET_CONFIGS + DEMO_DET_CONFIGS
     metric = 'coco/bbox_mAP' if det else 'mIoU'
+    if name.startswith('mask_rcnn'):
+        # box and mask AP
+        assert re.search(r'\(test\).*coco/segm_mAP: ', test_out), \
+            _tail(test_out)
     # trained the requested iterations, validated at the end ...
     assert re.search(r'(Epoch\(train\)\s*\[1\]|Iter\(train\)\s*)\[2/2\]',
                      out), _tail(out)

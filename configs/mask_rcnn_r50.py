@@ -1,0 +1,26 @@
+# Mask R-CNN R50-FPN 1x, COCO 2017 (box and mask AP) -- backbone: plain
+# ResNet-50 (ContextResNet = mmdet's ResNet reading every checkpoint layout),
+# the twin of mask_rcnn_{sb,ge,psi}_r50.py. Upstream mmdet's recipe unchanged:
+# 8 GPUs x 2 images, SGD lr 0.02, 12 epochs, frozen stem + stage 1, frozen BN.
+#   tools/dist_train.sh configs/mask_rcnn_r50.py 8
+# With another GPU count or batch size add --auto-scale-lr (lr scaled by
+# total batch / 16). Overrides (`pretrained`, `data_root`): as in
+# faster_rcnn_r50.py.
+_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(imports=['mmctx'], allow_failed_imports=False)
+
+data_root = 'data/coco/'
+pretrained = 'torchvision://resnet50'
+
+model = dict(
+    backbone=dict(
+        type='ContextResNet',
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
+
+train_dataloader = dict(dataset=dict(data_root=data_root))
+val_dataloader = dict(dataset=dict(data_root=data_root))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
+test_evaluator = val_evaluator
+auto_scale_lr = dict(enable=False, base_batch_size=16)
