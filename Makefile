@@ -26,7 +26,7 @@ demo: setup
 	$(PYTHON) tools/analysis/context_probe.py --visualize --work-dir $(DEMO_WORK_DIR) --out $(DEMO_WORK_DIR)/probe_table.md
 
 test: setup
-	$(PYTHON) -m pytest tests -v -rs
+	$(PYTHON) -m pytest tests -v -rs --durations=25
 
 cuda-proof:
 	bash tools/gpu/setup_proof.sh
