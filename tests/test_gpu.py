@@ -35,6 +35,16 @@ MODELS_UNDER_TEST.update({
                             ge=dict(variant='parameter_free', extent=4)),
     'GE-θ⁺-R50 (e=2)': dict(type='GEResNet', depth=50,
                             ge=dict(variant='depthwise_excite', extent=2)),
+    # the other ResNet families: grouped conv2 (SB joins its output), deep
+    # stems, average-pool shortcuts
+    'SB-X50-32x4d': dict(type='SBResNeXt', depth=50, groups=32,
+                         base_width=4),
+    'GE-θ⁺-X50-32x4d': dict(type='GEResNeXt', depth=50, groups=32,
+                            base_width=4, reference_input_size=224,
+                            ge=dict(variant='depthwise_excite',
+                                    extent='global')),
+    'PSI-R50-V1d': dict(type='PSIResNetV1d', depth=50),
+    'SB-R50-V1c': dict(type='SBResNetV1c', depth=50),
 })
 if not ON_GPU:  # CPU mode proves the check runs: one backbone per module
     MODELS_UNDER_TEST = {n: MODELS_UNDER_TEST[n] for n in (
