@@ -299,9 +299,9 @@ class ContextResNet(TrainableContextMixin, ResNet):
                 'or set model.backbone.init_cfg=None to train from scratch.'
             ) from err
         logger = MMLogger.get_current_instance()
-        state = mmdet_layout(state, self.state_dict())
+        own = self.state_dict().keys()  # (loading changes no key)
+        state = mmdet_layout(state, own)
         load_state_dict(self, state, strict=False, logger=logger)
-        own = self.state_dict()
         new = [k for k in own if k not in state]
         ignored = [k for k in state if k not in own]
         logger.info(
@@ -383,7 +383,7 @@ def read_backbone_state(path):
 
 def mmdet_layout(state, own):
     """``state`` with mmpretrain's ResNetV1c / V1d keys renamed to mmdet's
-    and mmseg's, which ``own`` (the backbone's state dict) has.
+    and mmseg's, which ``own`` (the backbone's state-dict keys) has.
 
     mmpretrain builds the deep stem of ConvModules (``stem.0.conv.weight``,
     ``stem.0.bn.*``; mmdet: ``stem.0.weight``, ``stem.1.*``, ReLUs between),
